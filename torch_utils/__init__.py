@@ -1,0 +1,1 @@
+"""PyTorch plumbing: corruption operators, distributed set-up, samplers of data, statistics."""

@@ -1,0 +1,1 @@
+"""The method: datasets, networks, losses, augmentation, training loop, samplers."""

@@ -1,0 +1,356 @@
+"""Corrupted image datasets in EDM's format (a folder or zip of images plus `dataset.json`).
+
+The dataset *is* corrupted (Daras et al. 2023, Sec. 3): each raw image i has one fixed mask A_i, a
+deterministic function of (`corruption_seed`, i), and an item carries only the observation A_i ⊙ x0_i.
+The further corruption Ã = A ⊙ B is what the ambient loss feeds the network; B is redrawn on every draw
+by default, seeded by (`hat_seed`, i, draw id) so a training run is reproducible, or fixed per image with
+`fixed_hat_mask=True` (the original's behaviour). Clean pixels leave the dataset only in `mode='clean'`,
+which evaluation code asks for explicitly.
+
+Item keys are either an index or an `(index, draw_id)` pair; `InfiniteSampler(yield_positions=True)`
+yields such pairs, the draw id being the sampler's global position, so B depends on the training seed and
+step and not on the number of DataLoader workers or processes.
+"""
+
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+import PIL.Image
+import torch
+
+from torch_utils.ambient_diffusion import MaskCorruption
+
+MODES = ('corrupted', 'clean')
+
+# Tags that keep the seed streams of A, fixed B and per-draw B apart.
+_TAG_MASK, _TAG_FIXED_HAT, _TAG_HAT = 0xA, 0xB, 0xC
+
+
+def _generator(*entropy: int) -> torch.Generator:
+    """A CPU generator seeded by a well-mixed hash of integers (no global RNG involved)."""
+    state = np.random.SeedSequence([int(e) % 2**63 for e in entropy]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0]) % 2**63)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read as asked; the message names the problem and the fix."""
+
+
+class Dataset(torch.utils.data.Dataset):
+    """Base class: subsetting, x-flips, labels, caching and built-in mask corruption.
+
+    Subclasses implement `_load_raw_image(raw_idx) -> uint8 [C, H, W]` and `_load_raw_labels()`.
+    """
+
+    def __init__(self,
+        name,                           # Name of the dataset.
+        raw_shape,                      # Shape of the raw image data [N, C, H, W].
+        max_size            = None,     # Keep a seeded random subset of at most this many images.
+        use_labels          = False,    # Return class labels (error if the dataset has none).
+        xflip               = False,    # Double the dataset with mirrored copies (masks mirrored too).
+        random_seed         = 0,        # Seed of the max_size subset.
+        cache               = False,    # Keep loaded images in memory.
+        corruption_pattern  = 'dust',   # Mask pattern: dust | box | fixed_box | keep_patch.
+        corruption_probability = 0.0,   # p: how much of each image A hides.
+        delta_probability   = 0.0,      # δ: how much of A the further corruption B hides.
+        mask_full_rgb       = False,    # Share dust masks over channels.
+        corruption_seed     = 0,        # Seed of the dataset's masks A (the corrupted dataset itself).
+        hat_seed            = 0,        # Seed of the further corruption B (the training seed).
+        fixed_hat_mask      = False,    # One fixed B per image instead of a fresh one per draw.
+        mode                = 'corrupted',  # 'corrupted': items hold A ⊙ x0; 'clean': x0 (evaluation only).
+        normalize           = True,     # float32 in [-1, 1]; False keeps uint8 (for metrics).
+    ):
+        if mode not in MODES:
+            raise DatasetError(f"mode={mode!r} is not one of {MODES}")
+        if max_size is not None and max_size < 1:
+            raise DatasetError(f"max_size={max_size} must be a positive number of images (or None for all)")
+        self._name = name
+        self._raw_shape = list(raw_shape)
+        self._use_labels = use_labels
+        self._cache = cache
+        self._cached_images = dict()
+        self._raw_labels = None
+        self._label_shape = None
+        self.mode = mode
+        self.normalize = normalize
+        self.corruption = MaskCorruption(pattern=corruption_pattern, corruption_probability=corruption_probability,
+            delta_probability=delta_probability, mask_full_rgb=mask_full_rgb)
+        self.corruption_seed = int(corruption_seed)
+        self.hat_seed = int(hat_seed)
+        self.fixed_hat_mask = bool(fixed_hat_mask)
+        self._draw_counter = 0
+
+        # Subset and flips. Raw indices (positions in the full sorted file list) key the masks,
+        # so a subset or a flipped copy keeps each image's own corruption.
+        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
+        if max_size is not None and self._raw_idx.size > max_size:
+            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
+            self._raw_idx = np.sort(self._raw_idx[:max_size])
+        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
+        if xflip:
+            self._raw_idx = np.tile(self._raw_idx, 2)
+            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+
+        if use_labels and not self.has_labels:
+            raise DatasetError(f"labels were requested but dataset '{name}' has none: add \"labels\" to its "
+                "dataset.json (dataset_tool.py writes them from folder names) or train unconditionally")
+        # Fail now, not in a worker, when the mask geometry does not fit the images.
+        self.corruption.sample_mask([1] + self._raw_shape[1:], generator=torch.Generator().manual_seed(0))
+
+    # ---- subclass interface -------------------------------------------------------------------
+
+    def _load_raw_image(self, raw_idx):  # -> uint8 [C, H, W]
+        raise NotImplementedError
+
+    def _load_raw_labels(self):  # -> None | int64 [N] | float32 [N, L]
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def __getstate__(self):
+        return dict(self.__dict__, _raw_labels=None)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- labels -------------------------------------------------------------------------------
+
+    def _get_raw_labels(self):
+        if self._raw_labels is None:
+            labels = self._load_raw_labels() if self._use_labels else None
+            if labels is None:
+                labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
+            labels = np.asarray(labels)
+            if labels.shape[0] != self._raw_shape[0]:
+                raise DatasetError(f"dataset '{self._name}' has {labels.shape[0]} labels for {self._raw_shape[0]} images")
+            if labels.dtype == np.int64 and labels.ndim == 1 and labels.size and labels.min() < 0:
+                raise DatasetError(f"dataset '{self._name}' has negative class labels")
+            if labels.dtype not in (np.int64, np.float32) or labels.ndim not in (1, 2):
+                raise DatasetError(f"labels of '{self._name}' must be integers or float vectors, got {labels.dtype} {labels.shape}")
+            self._raw_labels = labels
+        return self._raw_labels
+
+    def get_label(self, idx):
+        label = self._get_raw_labels()[self._raw_idx[idx]]
+        if label.dtype == np.int64:
+            onehot = np.zeros(self.label_shape, dtype=np.float32)
+            onehot[label] = 1
+            label = onehot
+        return torch.from_numpy(np.array(label, dtype=np.float32))
+
+    # ---- masks --------------------------------------------------------------------------------
+
+    def _image_shape_batch(self):
+        return [1] + self._raw_shape[1:]
+
+    def mask(self, raw_idx):
+        """The dataset's corruption A of raw image `raw_idx` (unflipped), float32 [C, H, W]."""
+        gen = _generator(_TAG_MASK, self.corruption_seed, raw_idx)
+        return self.corruption.sample_mask(self._image_shape_batch(), generator=gen)[0]
+
+    def hat_mask(self, raw_idx, mask, draw_id=None):
+        """Ã = A ⊙ B for one draw of raw image `raw_idx` (unflipped frame), float32 [C, H, W]."""
+        if self.fixed_hat_mask:
+            gen = _generator(_TAG_FIXED_HAT, self.corruption_seed, raw_idx)
+        elif draw_id is not None:
+            gen = _generator(_TAG_HAT, self.hat_seed, raw_idx, draw_id)
+        else:
+            # No draw id: a per-process counter, told apart across DataLoader workers.
+            worker = torch.utils.data.get_worker_info()
+            worker_id = -1 if worker is None else worker.id
+            gen = _generator(_TAG_HAT, self.hat_seed, raw_idx, worker_id, self._draw_counter, 1 << 62)
+            self._draw_counter += 1
+        return self.corruption.sample_hat_mask(mask[None], generator=gen)[0]
+
+    # ---- items --------------------------------------------------------------------------------
+
+    def _load_image(self, raw_idx):
+        image = self._cached_images.get(raw_idx, None)
+        if image is None:
+            image = self._load_raw_image(raw_idx)
+            if self._cache:
+                self._cached_images[raw_idx] = image
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or list(image.shape) != self._raw_shape[1:]:
+            shape = getattr(image, 'shape', None)
+            raise DatasetError(f"image {self._image_name(raw_idx)} has shape {shape}, expected {self._raw_shape[1:]} "
+                "uint8 like the first image: rebuild the dataset with dataset_tool.py --resolution=WxH")
+        return image
+
+    def _image_name(self, raw_idx):
+        return f'#{raw_idx}'
+
+    def __len__(self):
+        return self._raw_idx.size
+
+    def __getitem__(self, key):
+        """Return (observation, label, A, Ã); the observation is A ⊙ x0 ('corrupted') or x0 ('clean')."""
+        idx, draw_id = (key if isinstance(key, (tuple, list)) else (key, None))
+        idx = int(idx)
+        raw_idx = int(self._raw_idx[idx])
+        image = torch.from_numpy(self._load_image(raw_idx).copy())  # [C, H, W] uint8
+        mask = self.mask(raw_idx)
+        hat = self.hat_mask(raw_idx, mask, draw_id)
+        if self._xflip[idx]:
+            image, mask, hat = (t.flip(-1) for t in (image, mask, hat))
+        if self.normalize:
+            image = image.to(torch.float32) / 127.5 - 1
+        if self.mode == 'corrupted':
+            image = image * mask.to(image.dtype)
+        return image, self.get_label(idx), mask, hat
+
+    def get_details(self, idx):
+        return dict(raw_idx=int(self._raw_idx[idx]), xflip=bool(self._xflip[idx]),
+            raw_label=self._get_raw_labels()[self._raw_idx[idx]].copy())
+
+    def corruption_config(self):
+        """Everything that defines the corrupted dataset and its further corruption, for checkpoints."""
+        return dict(self.corruption.to_dict(), corruption_seed=self.corruption_seed, hat_seed=self.hat_seed,
+            fixed_hat_mask=self.fixed_hat_mask)
+
+    # ---- properties ---------------------------------------------------------------------------
+
+    @property
+    def name(self):
+        return self._name
+
+    @property
+    def image_shape(self):
+        return list(self._raw_shape[1:])
+
+    @property
+    def num_channels(self):
+        return self.image_shape[0]
+
+    @property
+    def resolution(self):
+        return self.image_shape[1]
+
+    @property
+    def label_shape(self):
+        if self._label_shape is None:
+            raw_labels = self._get_raw_labels()
+            if raw_labels.dtype == np.int64:
+                self._label_shape = [int(np.max(raw_labels)) + 1]
+            else:
+                self._label_shape = list(raw_labels.shape[1:])
+        return list(self._label_shape)
+
+    @property
+    def label_dim(self):
+        return int(np.prod(self.label_shape))
+
+    @property
+    def has_labels(self):
+        return any(x != 0 for x in self.label_shape)
+
+    @property
+    def has_onehot_labels(self):
+        return self._get_raw_labels().dtype == np.int64
+
+
+class ImageFolderDataset(Dataset):
+    """Images in a folder (searched recursively) or a zip, as written by dataset_tool.py."""
+
+    def __init__(self,
+        path,                   # Path to a directory or zip file.
+        resolution = None,      # Expected resolution; None = whatever the first image has.
+        **super_kwargs,         # Passed on to Dataset.
+    ):
+        self._path = str(path)
+        self._zipfile = None
+        if os.path.isdir(self._path):
+            self._type = 'dir'
+            self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=self._path).replace(os.sep, '/')
+                for root, _dirs, files in os.walk(self._path) for fname in files}
+        elif os.path.isfile(self._path) and self._path.lower().endswith('.zip'):
+            self._type = 'zip'
+            try:
+                self._all_fnames = set(self._get_zipfile().namelist())
+            except zipfile.BadZipFile as e:
+                raise DatasetError(f"{self._path} is not a readable zip ({e}): rebuild it with dataset_tool.py") from None
+        elif os.path.exists(self._path):
+            raise DatasetError(f"{self._path} is neither a folder nor a .zip: point --data at a dataset made by dataset_tool.py")
+        else:
+            raise DatasetError(f"dataset not found: {self._path} (make one with `python dataset_tool.py --source=... --dest={self._path}`)")
+
+        PIL.Image.init()
+        extensions = set(PIL.Image.EXTENSION.keys())
+        self._image_fnames = sorted(f for f in self._all_fnames if os.path.splitext(f)[1].lower() in extensions)
+        if len(self._image_fnames) == 0:
+            raise DatasetError(f"no images found in {self._path}: convert your images with dataset_tool.py")
+
+        name = os.path.splitext(os.path.basename(self._path.rstrip('/')))[0]
+        first = self._read_image(self._image_fnames[0])
+        raw_shape = [len(self._image_fnames)] + list(first.shape)
+        _, channels, height, width = raw_shape
+        if channels not in (1, 3):
+            raise DatasetError(f"{self._image_fnames[0]} has {channels} channels; datasets need 1 or 3 (dataset_tool.py converts)")
+        if height != width:
+            raise DatasetError(f"{self._image_fnames[0]} is {width}x{height}, not square: use dataset_tool.py --transform=center-crop")
+        if resolution is not None and height != resolution:
+            raise DatasetError(f"{self._path} holds {height}x{width} images but resolution {resolution} was asked for: "
+                f"rebuild it with dataset_tool.py --resolution={resolution}x{resolution}")
+        super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
+
+    def _get_zipfile(self):
+        assert self._type == 'zip'
+        if self._zipfile is None:
+            self._zipfile = zipfile.ZipFile(self._path)
+        return self._zipfile
+
+    def _open_file(self, fname):
+        if self._type == 'dir':
+            return open(os.path.join(self._path, fname), 'rb')
+        return self._get_zipfile().open(fname, 'r')
+
+    def close(self):
+        if getattr(self, '_zipfile', None) is not None:
+            self._zipfile.close()
+        self._zipfile = None
+
+    def __getstate__(self):
+        # Zip handles do not survive pickling into DataLoader workers; each worker reopens lazily.
+        return dict(super().__getstate__(), _zipfile=None)
+
+    def _read_image(self, fname):
+        try:
+            with self._open_file(fname) as f:
+                image = np.array(PIL.Image.open(io.BytesIO(f.read())))
+        except (OSError, PIL.UnidentifiedImageError) as e:
+            raise DatasetError(f"cannot read image {fname} in {self._path}: {e}") from None
+        if image.ndim == 2:
+            image = image[:, :, np.newaxis]  # HW -> HWC
+        if image.dtype != np.uint8:
+            raise DatasetError(f"image {fname} in {self._path} is {image.dtype}, expected 8-bit: convert with dataset_tool.py")
+        return image.transpose(2, 0, 1)  # HWC -> CHW
+
+    def _load_raw_image(self, raw_idx):
+        return self._read_image(self._image_fnames[raw_idx])
+
+    def _image_name(self, raw_idx):
+        return f'{self._image_fnames[raw_idx]} in {self._path}'
+
+    def _load_raw_labels(self):
+        fname = 'dataset.json'
+        if fname not in self._all_fnames:
+            return None
+        with self._open_file(fname) as f:
+            try:
+                labels = json.load(f).get('labels')
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise DatasetError(f"{fname} in {self._path} is not valid JSON with a 'labels' entry: {e}") from None
+        if labels is None:
+            return None
+        labels = dict(labels)
+        missing = [f for f in self._image_fnames if f not in labels]
+        if missing:
+            raise DatasetError(f"{fname} in {self._path} has no label for {missing[0]} ({len(missing)} images unlabelled)")
+        labels = np.array([labels[f] for f in self._image_fnames])
+        return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])
