@@ -148,8 +148,8 @@ def test_sampler_state_after_load_mid_block(small_blocks):
 def test_sampler_state_errors():
     sampler = misc.InfiniteSampler(range(5), seed=0)
     take(sampler, 3)
-    with pytest.raises(ValueError, match='position=4'):
-        sampler.state_dict(position=4)
+    with pytest.raises(ValueError, match='position=-1'):
+        sampler.state_dict(position=-1)
     with pytest.raises(ValueError, match='seed'):
         misc.InfiniteSampler(range(5), seed=1).load_state_dict(sampler.state_dict())
     with pytest.raises(ValueError, match='num_items'):
@@ -285,3 +285,17 @@ def test_constant_assert_shape_and_ddp_helpers():
     with misc.ddp_sync(net, sync=False):
         net(torch.randn(4, 3)).sum().backward()
     assert net[2].weight.grad is not None
+
+
+def test_infinite_sampler_state_ahead_of_the_walk():
+    """A rank's walk may lag behind positions owned by other ranks; the state there is still exact."""
+    data = range(11)
+    lagging = misc.InfiniteSampler(data, seed=4)
+    it = iter(lagging)
+    [next(it) for _ in range(5)]
+    ahead = misc.InfiniteSampler(data, seed=4)
+    ahead.load_state_dict(lagging.state_dict(position=9))
+    reference = iter(misc.InfiniteSampler(data, seed=4))
+    expected = [next(reference) for _ in range(20)][9:]
+    it2 = iter(ahead)
+    assert [next(it2) for _ in range(11)] == expected

@@ -42,6 +42,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from torch_utils.misc import per_sample as _per_sample, rand as _rand, randint as _randint, randn as _randn, resolve_device as _resolve_device
 from torch_utils.motion_blur import check_intensity, check_kernel_size, random_motion_kernels
 
 MASK_PATTERNS = ('dust', 'box', 'fixed_box', 'keep_patch')
@@ -74,51 +75,6 @@ def _check_mask(mask):
         raise ValueError(f'mask must be a tensor [N, C, H, W], got '
                          f'{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}')
     return mask.float()
-
-
-def _resolve_device(generator, device):
-    if device is not None:
-        return torch.device(device)
-    if isinstance(generator, (list, tuple)):
-        generator = generator[0]
-    return generator.device if generator is not None else torch.device('cpu')
-
-
-def _per_sample(draw, n, generator, device):
-    """Run `draw(count, generator, draw_device) -> [count, ...]` for a batch of `n` samples.
-
-    One generator (or None) draws the whole batch in one call; a list of `n` generators draws sample i
-    from generator i alone, so each sample equals its own single draw whatever batch it is in.
-    The result is put on `device` (default: the generator's device, else CPU).
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != n:
-            raise ValueError(f'generator is a list of {len(generator)} items for a batch of {n}; pass exactly '
-                             f'one torch.Generator per sample, a single generator, or None')
-        if not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError('generator list holds an item that is not a torch.Generator; pass one per sample')
-        device = _resolve_device(generator, device)
-        return torch.cat([draw(1, g, g.device).to(device) for g in generator])
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f'generator={generator!r} is invalid; pass a torch.Generator, a list of them, or None')
-    device = _resolve_device(generator, device)
-    draw_device = generator.device if generator is not None else device
-    return draw(n, generator, draw_device).to(device)
-
-
-def _rand(shape, generator, device):
-    """U[0, 1) of `shape` [N, ...] (float32), per sample; see `_per_sample`."""
-    return _per_sample(lambda n, g, d: torch.rand((n, *shape[1:]), generator=g, device=d), shape[0], generator, device)
-
-
-def _randn(shape, generator, device):
-    """N(0, 1) of `shape` [N, ...] (float32), per sample; see `_per_sample`."""
-    return _per_sample(lambda n, g, d: torch.randn((n, *shape[1:]), generator=g, device=d), shape[0], generator, device)
-
-
-def _randint(high, n, generator, device):
-    """Uniform integers in {0..high-1} of shape [n] (int64), per sample; see `_per_sample`."""
-    return _per_sample(lambda m, g, d: torch.randint(0, high, (m,), generator=g, device=d), n, generator, device)
 
 
 def _floor_side(fraction, size):

@@ -219,13 +219,20 @@ class InfiniteSampler(torch.utils.data.Sampler):
         """Plain-Python state (loadable with `torch.load(weights_only=True)`) at `position`.
 
         `position=None` means the current position. An earlier position, typically the position
-        after the last item the consumer used, gives the state the sampler had there.
+        after the last item the consumer used, gives the state the sampler had there; a later one the
+        state the walk will have there (in multi-process training a rank's walk may not yet have
+        produced the positions that belong to the other ranks).
         """
         if position is None:
             position = self._position
-        if not 0 <= position <= self._position:
-            raise ValueError(f'state_dict(position={position}) must be in [0, {self._position}] (the walk has '
-                             f'produced positions up to {self._position - 1})')
+        if position < 0:
+            raise ValueError(f'state_dict(position={position}) needs a position >= 0')
+        if position > self._position:
+            ahead = InfiniteSampler(range(self.num_items), shuffle=self.shuffle, seed=self.seed,
+                                    window_size=self.window_size)
+            ahead.load_state_dict(self.state_dict())
+            ahead._advance_to(position)
+            return ahead.state_dict()
         order, rng_state = self._state_at(position)
         return dict(position=int(position), order=order.tolist(), rng=rng_state, seed=self.seed,
                     num_items=self.num_items, shuffle=self.shuffle, window=self.window)
@@ -272,6 +279,55 @@ class InfiniteSampler(torch.utils.data.Sampler):
             self._rng = _rng_from_dict(state['rng'])
             if position % self._block_size != 0:
                 self._block_offsets(position // self._block_size)  # Redraw the block `position` is in.
+
+
+# Per-sample randomness: a single generator draws a whole batch; a list of generators draws sample i
+# from generator i alone, so a sample does not depend on the batch it is in.
+
+def resolve_device(generator, device):
+    if device is not None:
+        return torch.device(device)
+    if isinstance(generator, (list, tuple)):
+        generator = generator[0]
+    return generator.device if generator is not None else torch.device('cpu')
+
+
+def per_sample(draw, n, generator, device):
+    """Run `draw(count, generator, draw_device) -> [count, ...]` for a batch of `n` samples.
+
+    One generator (or None) draws the whole batch in one call; a list of `n` generators draws sample i
+    from generator i alone, so each sample equals its own single draw whatever batch it is in.
+    The result is put on `device` (default: the generator's device, else CPU).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f'generator is a list of {len(generator)} items for a batch of {n}; pass exactly '
+                             f'one torch.Generator per sample, a single generator, or None')
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError('generator list holds an item that is not a torch.Generator; pass one per sample')
+        device = resolve_device(generator, device)
+        return torch.cat([draw(1, g, g.device).to(device) for g in generator])
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f'generator={generator!r} is invalid; pass a torch.Generator, a list of them, or None')
+    device = resolve_device(generator, device)
+    draw_device = generator.device if generator is not None else device
+    return draw(n, generator, draw_device).to(device)
+
+
+def rand(shape, generator, device):
+    """U[0, 1) of `shape` [N, ...] (float32), per sample; see `per_sample`."""
+    return per_sample(lambda n, g, d: torch.rand((n, *shape[1:]), generator=g, device=d), shape[0], generator, device)
+
+
+def randn(shape, generator, device):
+    """N(0, 1) of `shape` [N, ...] (float32), per sample; see `per_sample`."""
+    return per_sample(lambda n, g, d: torch.randn((n, *shape[1:]), generator=g, device=d), shape[0], generator, device)
+
+
+def randint(high, n, generator, device):
+    """Uniform integers in {0..high-1} of shape [n] (int64), per sample; see `per_sample`."""
+    return per_sample(lambda m, g, d: torch.randint(0, high, (m,), generator=g, device=d), n, generator, device)
+
 
 
 class StackedRandomGenerator:
