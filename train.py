@@ -1,0 +1,263 @@
+"""Train diffusion models on corrupted data (Ambient Diffusion) or on clean data (EDM).
+
+    python train.py --outdir=runs --data=data.zip --precond=ambient --corruption_probability=0.8
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=runs --data=data.zip ...
+
+The command turns options into a config (`build_config`, no I/O) and hands it to
+`training.training_loop.training_loop`. `--resume=<run dir or training-state file>` continues that run
+in place, exactly where its last state dump left it.
+"""
+
+import json
+import os
+import re
+import secrets
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils.misc import parse_int_list
+from training import training_loop
+
+ARCHS = ('ddpmpp', 'ncsnpp', 'adm')
+PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've')
+AMBIENT_PRECONDS = ('ambient', 'ambient_vp')
+
+
+class ConfigError(click.ClickException):
+    """An inconsistent set of options; the message names the options and the fix."""
+
+
+def _network_kwargs(opts):
+    precond_class = {'ambient': 'EDMPrecond', 'edm': 'EDMPrecond', 'ambient_vp': 'VPPrecond', 'vp': 'VPPrecond',
+        've': 'VEPrecond'}[opts.precond]
+    kw = dnnlib.EasyDict(class_name=f'training.networks.{precond_class}')
+    if opts.arch == 'ddpmpp':
+        kw.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+            channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2])
+    elif opts.arch == 'ncsnpp':
+        kw.update(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+            channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2])
+    else:
+        kw.update(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4])
+    if opts.cbase is not None:
+        kw.model_channels = opts.cbase
+    if opts.cres is not None:
+        kw.channel_mult = opts.cres
+    if opts.num_blocks is not None:
+        kw.num_blocks = opts.num_blocks
+    if opts.attn is not None:
+        kw.attn_resolutions = opts.attn
+    kw.update(dropout=opts.dropout, use_fp16=opts.fp16, ambient=opts.precond in AMBIENT_PRECONDS,
+        gate=opts.gate if opts.gated else 'none')
+    return kw
+
+
+def build_config(opts, world_size=1):
+    """Options (an EasyDict of the click values) -> training_loop kwargs. Pure: no I/O, no randomness."""
+    ambient = opts.precond in AMBIENT_PRECONDS
+    if not ambient:
+        if opts.norm != 2:
+            raise ConfigError(f'--norm={opts.norm} only applies to the ambient losses; use --precond=ambient or ambient_vp')
+        if opts.delta_probability > 0 or opts.fixed_hat_mask:
+            raise ConfigError(f'--delta_probability/--fixed_hat_mask only affect the ambient losses, but --precond={opts.precond} '
+                'trains on the observations as if they were clean; use --precond=ambient or set --delta_probability=0')
+    batch_gpu = opts.batch_gpu or opts.batch // world_size
+    if opts.batch % world_size != 0 or (opts.batch // world_size) % batch_gpu != 0:
+        raise ConfigError(f'--batch={opts.batch} must be divisible by processes ({world_size}) x --batch-gpu ({batch_gpu})')
+
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
+        use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache, max_size=opts.max_size,
+        corruption_pattern=opts.corruption_pattern, corruption_probability=opts.corruption_probability,
+        delta_probability=opts.delta_probability, mask_full_rgb=opts.mask_full_rgb,
+        corruption_seed=opts.corruption_seed, hat_seed=opts.seed, fixed_hat_mask=opts.fixed_hat_mask)
+    c.data_loader_kwargs = dnnlib.EasyDict(num_workers=opts.workers, pin_memory=torch.cuda.is_available())
+    if opts.workers > 0:
+        c.data_loader_kwargs.prefetch_factor = 2
+    c.network_kwargs = _network_kwargs(opts)
+    loss_class = {'ambient': 'AmbientLoss', 'ambient_vp': 'AmbientVPLoss', 'edm': 'EDMLoss', 'vp': 'VPLoss',
+        've': 'VELoss'}[opts.precond]
+    c.loss_kwargs = dnnlib.EasyDict(class_name=f'training.loss.{loss_class}')
+    if ambient:
+        c.loss_kwargs.norm = opts.norm
+    optimizer = 'AdamW' if opts.weight_decay > 0 else 'Adam'
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name=f'torch.optim.{optimizer}', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    if opts.weight_decay > 0:
+        c.optimizer_kwargs.weight_decay = opts.weight_decay
+    c.augment_kwargs = None
+    if opts.augment > 0:
+        augment_set = opts.augment_set or ('blit' if opts.corruption_pattern == 'dust' else 'edm')
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1)
+        if augment_set == 'edm':
+            c.augment_kwargs.update(scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+        else:
+            c.augment_kwargs.update(rotate_int=1, translate_int=1)
+        c.network_kwargs.augment_dim = dnnlib.util.construct_class_by_name(**c.augment_kwargs).label_dim
+
+    c.update(seed=opts.seed, batch_size=opts.batch, batch_gpu=batch_gpu, total_kimg=max(opts.duration * 1000, 1e-3),
+        ema_halflife_kimg=opts.ema * 1000, lr_rampup_kimg=opts.lr_rampup, loss_scaling=opts.ls,
+        max_grad_norm=opts.max_grad_norm, kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump,
+        cudnn_benchmark=opts.bench, deterministic=opts.deterministic, compile=opts.compile, wandb_mode=opts.wandb,
+        tensorboard=opts.tensorboard)
+    if opts.wandb != 'off':
+        c.wandb_kwargs = dnnlib.EasyDict(project='ambient_diffusion', name=opts.experiment_name)
+    if opts.transfer is not None:
+        c.transfer = opts.transfer
+    return c
+
+
+def run_dir_name(outdir, dataset_name, opts, world_size):
+    """EDM's run directory: NNNNN-<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<fp>[-desc]."""
+    desc = (f'{dataset_name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-gpus{world_size}'
+            f'-batch{opts.batch}-{"fp16" if opts.fp16 else "fp32"}')
+    if opts.desc is not None:
+        desc += f'-{opts.desc}'
+    ids = [int(m.group()) for m in (re.match(r'^\d+', x) for x in (os.listdir(outdir) if os.path.isdir(outdir) else [])) if m]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+
+def _resolve_resume(resume):
+    if os.path.isdir(resume):
+        state = training_loop.find_latest_state(resume)
+        if state is None:
+            raise click.ClickException(f'--resume={resume}: no training-state-*.pt in that directory')
+        return state
+    if not os.path.isfile(resume):
+        raise click.ClickException(f'--resume={resume}: no such file or directory')
+    return resume
+
+
+@click.command()
+# Main options.
+@click.option('--outdir',       help='Where to save the results', metavar='DIR',                  type=str, required=True)
+@click.option('--data',         help='Path to the dataset (folder or zip)', metavar='ZIP|DIR',   type=str, required=True)
+@click.option('--cond',         help='Train class-conditional model', metavar='BOOL',            type=bool, default=False, show_default=True)
+@click.option('--arch',         help='Network architecture',                                     type=click.Choice(ARCHS), default='ddpmpp', show_default=True)
+@click.option('--precond',      help='Preconditioning & loss',                                   type=click.Choice(PRECONDS), default='ambient', show_default=True)
+# Corruption.
+@click.option('--corruption_pattern',     help='Mask pattern of the dataset',                     type=click.Choice(['dust', 'box', 'fixed_box', 'keep_patch']), default='dust', show_default=True)
+@click.option('--corruption_probability', help='p: how much of each image is missing', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.4, show_default=True)
+@click.option('--delta_probability',      help='δ: further corruption of the observed pixels', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option('--mask_full_rgb',          help='One dust mask per pixel, shared by its channels', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--fixed_hat_mask',         help='Fix the further corruption per image (original behaviour)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--corruption_seed',        help='Seed of the dataset corruption A', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--norm',                   help='Loss norm: 2 squared, 1 absolute', metavar='INT', type=click.Choice(['1', '2']), default='2', show_default=True, callback=lambda c, p, v: int(v))
+# Hyperparameters.
+@click.option('--duration',     help='Training duration', metavar='MIMG',                        type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option('--batch',        help='Total batch size', metavar='INT',                          type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--batch-gpu',    help='Limit batch size per process', metavar='INT',              type=click.IntRange(min=1))
+@click.option('--cbase',        help='Channel multiplier  [default: varies]', metavar='INT',     type=click.IntRange(min=1))
+@click.option('--cres',         help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--num_blocks',   help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--attn',         help='Attention resolutions, e.g. 16 or 32,16,8  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--gated',        help='Gated convolutions', metavar='BOOL',                       type=bool, default=True, show_default=True)
+@click.option('--gate',         help='Gate function (double_sigmoid = original checkpoints)',   type=click.Choice(['sigmoid', 'double_sigmoid']), default='sigmoid', show_default=True)
+@click.option('--lr',           help='Learning rate', metavar='FLOAT',                           type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option('--lr_rampup',    help='Learning-rate ramp-up (0 = none)', metavar='KIMG',         type=click.FloatRange(min=0), default=10000, show_default=True)
+@click.option('--weight_decay', help='AdamW weight decay (0 = Adam)', metavar='FLOAT',           type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--max_grad_norm', help='Clip the global gradient norm', metavar='FLOAT',          type=click.FloatRange(min=0, min_open=True))
+@click.option('--ema',          help='EMA half-life', metavar='MIMG',                            type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--dropout',      help='Dropout probability', metavar='FLOAT',                     type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
+@click.option('--augment',      help='Augment probability', metavar='FLOAT',                     type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
+@click.option('--augment_set',  help='Augmentations: edm = EDM\'s warps (erase observed pixels near hidden ones), blit = exact flips, quarter turns and integer shifts  [default: blit for dust, else edm]', type=click.Choice(['edm', 'blit']))
+@click.option('--xflip',        help='Enable dataset x-flips', metavar='BOOL',                   type=bool, default=False, show_default=True)
+@click.option('--max_size',     help='Train on a seeded subset of this many images', metavar='INT', type=click.IntRange(min=1))
+# Performance-related.
+@click.option('--fp16',         help='Mixed precision (CUDA only)', metavar='BOOL',              type=bool, default=False, show_default=True)
+@click.option('--ls',           help='Loss scaling', metavar='FLOAT',                            type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--bench',        help='Enable cuDNN benchmarking', metavar='BOOL',                type=bool, default=True, show_default=True)
+@click.option('--cache',        help='Cache dataset in CPU memory', metavar='BOOL',              type=bool, default=True, show_default=True)
+@click.option('--workers',      help='DataLoader worker processes', metavar='INT',               type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--compile',      help='torch.compile the network', metavar='BOOL',                type=bool, default=False, show_default=True)
+@click.option('--deterministic', help='Deterministic kernels (exact resumes)', metavar='BOOL',   type=bool, default=False, show_default=True)
+# I/O-related.
+@click.option('--desc',         help='String to include in result dir name', metavar='STR',     type=str)
+@click.option('--nosubdir',     help='Do not create a subdirectory for results',                 is_flag=True)
+@click.option('--tick',         help='How often to print progress', metavar='KIMG',              type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
+@click.option('--snap',         help='How often to save snapshots', metavar='TICKS',             type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--dump',         help='How often to dump state', metavar='TICKS',                 type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--seed',         help='Random seed  [default: random]', metavar='INT',            type=click.IntRange(min=0))
+@click.option('--transfer',     help='Initialise weights from a network snapshot', metavar='PT', type=str)
+@click.option('--resume',       help='Continue a run: its directory or a training-state file', metavar='DIR|PT', type=str)
+@click.option('--wandb',        help='Weights & Biases logging',                                 type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True)
+@click.option('--tensorboard',  help='Write tensorboard event files', metavar='BOOL',            type=bool, default=False, show_default=True)
+@click.option('--experiment_name', help='Run name for wandb', metavar='STR',                     type=str)
+@click.option('-n', '--dry-run', help='Print training options and exit',                         is_flag=True)
+def main(**kwargs):
+    """Train a diffusion model on corrupted (or clean) images."""
+    opts = dnnlib.EasyDict(kwargs)
+    torch.multiprocessing.set_start_method('spawn', force=True)
+    dist.init()
+    world_size = dist.get_world_size()
+
+    # Resume: the same run, in place, with its own seed unless one is given.
+    resume_state = None
+    if opts.resume is not None:
+        if opts.transfer is not None:
+            raise ConfigError('--resume and --transfer cannot be combined: a resumed run already has its weights')
+        resume_state = _resolve_resume(opts.resume)
+        if opts.seed is None:
+            opts.seed = torch.load(resume_state, map_location='cpu', weights_only=True)['config']['seed']
+    if opts.seed is None:
+        opts.seed = int(dist.broadcast(torch.tensor(secrets.randbelow(1 << 31), dtype=torch.int64)).item())
+
+    c = build_config(opts, world_size)
+    c.resume_state = resume_state
+
+    # Check the dataset now, with a clear message, rather than deep inside the loop.
+    from training.dataset import DatasetError
+    try:
+        dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+    except DatasetError as e:
+        raise click.ClickException(str(e)) from None
+    dataset_name = dataset_obj.name
+    c.dataset_kwargs.resolution = dataset_obj.resolution
+    if opts.cond and not dataset_obj.has_labels:
+        raise click.ClickException('--cond=True requires labels specified in dataset.json')
+    del dataset_obj
+
+    if resume_state is not None:
+        c.run_dir = os.path.dirname(os.path.abspath(resume_state))
+    elif opts.nosubdir:
+        c.run_dir = opts.outdir
+    else:
+        c.run_dir = run_dir_name(opts.outdir, dataset_name, opts, world_size)
+
+    dist.print0()
+    dist.print0('Training options:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    dist.print0(f'Output directory:        {c.run_dir}')
+    dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
+    dist.print0(f'Corruption:              {opts.corruption_pattern}, p={opts.corruption_probability}, δ={opts.delta_probability}')
+    dist.print0(f'Network architecture:    {opts.arch}, precond {opts.precond}, gate {c.network_kwargs.gate}')
+    dist.print0(f'Number of processes:     {world_size}')
+    dist.print0(f'Batch size:              {c.batch_size} ({c.batch_gpu} per round)')
+    dist.print0(f'Resume:                  {resume_state or "no"}')
+    dist.print0()
+    if opts.dry_run:
+        dist.print0('Dry run; exiting.')
+        return
+
+    if dist.get_rank() == 0:
+        os.makedirs(c.run_dir, exist_ok=True)
+        if resume_state is None:
+            with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
+                json.dump(c, f, indent=2)
+        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    try:
+        training_loop.training_loop(**c)
+    except ValueError as e:
+        if str(e).startswith('cannot resume'):
+            raise click.ClickException(str(e)) from None
+        raise
+    finally:
+        if dist.get_rank() == 0:
+            logger.close()
+
+
+if __name__ == '__main__':
+    main()
