@@ -84,7 +84,9 @@ def build_config(opts, world_size=1):
     if ambient:
         c.loss_kwargs.norm = opts.norm
     optimizer = 'AdamW' if opts.weight_decay > 0 else 'Adam'
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name=f'torch.optim.{optimizer}', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    # fused=True: one kernel for the whole update (fastest on CPU and CUDA alike).
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name=f'torch.optim.{optimizer}', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8,
+        fused=True)
     if opts.weight_decay > 0:
         c.optimizer_kwargs.weight_decay = opts.weight_decay
     c.augment_kwargs = None

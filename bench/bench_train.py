@@ -1,0 +1,136 @@
+"""Training throughput: images/s of full optimizer steps (ambient loss, backward, Adam, EMA) and peak memory.
+
+    python bench/bench_train.py                          # small and demo configs on CPU
+    python bench/bench_train.py --configs=ddpmpp32 --steps=3
+    python bench/bench_train.py --device=cuda --configs=ddpmpp32,small --fp16=True
+
+Configs are train.py command lines, turned into the network, loss and optimizer exactly as train.py does:
+  ddpmpp32  EDM's CIFAR-10 DDPM++ (128 channels, [2,2,2], 4 blocks, attention at 16), gated, RGB 32x32, batch 8
+  small     the original's small gated config (cbase 32, cres 1,2,2,2), RGB 32x32, batch 8
+  demo      the `make demo` config (see demo.py), grayscale 32x32
+Data are random images with dust masks (p = 0.6, δ = 0.1), so the step cost excludes image decoding.
+Each config runs in a fresh process; peak memory is that process's peak RSS (CPU) or peak allocated memory (CUDA).
+"""
+
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+
+import click
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# (train.py arguments, channels, batch)
+CONFIGS = {
+    'ddpmpp32': (['--arch=ddpmpp'], 3, 8),
+    'small': (['--arch=ddpmpp', '--cbase=32', '--cres=1,2,2,2'], 3, 8),
+    'demo': (None, 1, None),
+}
+
+
+def _config_args(name):
+    if name == 'demo':
+        import demo
+        return demo.TRAIN_ARGS, 1, demo.TRAIN_BATCH
+    return CONFIGS[name]
+
+
+def measure(name, device, steps, warmup, threads, fp16):
+    import dnnlib
+    import train
+    from torch_utils.ambient_diffusion import MaskCorruption
+    torch.set_num_threads(threads)
+    args, channels, batch = _config_args(name)
+    ctx = train.main.make_context('train', ['--outdir=unused', '--data=unused', f'--batch={batch}', f'--fp16={fp16}',
+                                            '--augment=0', *args])
+    c = train.build_config(dnnlib.EasyDict(ctx.params))
+    device = torch.device(device)
+    kw = dict(c.network_kwargs, img_resolution=32, img_channels=2 * channels, label_dim=0)
+    net = dnnlib.util.construct_class_by_name(**kw).train().to(device)
+    ema = dnnlib.util.construct_class_by_name(**kw).eval().requires_grad_(False).to(device)
+    loss_fn = dnnlib.util.construct_class_by_name(**c.loss_kwargs)
+    opt = dnnlib.util.construct_class_by_name(params=net.parameters(), **c.optimizer_kwargs)
+    g = torch.Generator().manual_seed(0)
+    corruption = MaskCorruption('dust', 0.6, 0.1)
+    x0 = torch.rand([batch, channels, 32, 32], generator=g) * 2 - 1
+    A = corruption.sample_mask(x0.shape, generator=g)
+    A_hat = corruption.sample_hat_mask(A, generator=g)
+    x0, A, A_hat = x0.to(device), A.to(device), A_hat.to(device)
+    gen = torch.Generator(device).manual_seed(1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss, _ = loss_fn(net=net, observation=A * x0, mask=A, hat_mask=A_hat, generator=gen)
+        loss.sum().backward()
+        opt.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 0.001)
+
+    times = []
+    for i in range(warmup + steps):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if device.type == 'cuda':
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    params = sum(p.numel() for p in net.parameters())
+    return dict(config=name, params=params, batch=batch, img_s=batch / statistics.median(times),
+                sec_step=statistics.median(times), peak_gib=peak / 2**30)
+
+
+def _child(queue, kwargs):
+    try:
+        queue.put(measure(**kwargs))
+    except Exception as e:  # Report, do not hang the parent.
+        queue.put(dict(config=kwargs['name'], error=f'{type(e).__name__}: {e}'))
+
+
+def run_isolated(**kwargs):
+    ctx = multiprocessing.get_context('spawn')
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, kwargs))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+@click.command()
+@click.option('--configs', help='Comma-separated configs', default='small,demo', show_default=True)
+@click.option('--device', help='cpu or cuda', default='cpu', show_default=True)
+@click.option('--steps', help='Timed optimizer steps', type=click.IntRange(min=1), default=5, show_default=True)
+@click.option('--warmup', help='Untimed steps first', type=click.IntRange(min=0), default=2, show_default=True)
+@click.option('--threads', help='torch threads', type=click.IntRange(min=1), default=os.cpu_count(), show_default=True)
+@click.option('--fp16', help='Mixed precision (CUDA only)', type=bool, default=False, show_default=True)
+def main(configs, device, steps, warmup, threads, fp16):
+    """Print a table of training images/s and peak memory."""
+    names = [c for c in configs.split(',') if c]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise click.BadParameter(f'unknown config(s) {unknown}; choose from {sorted(CONFIGS)}')
+    print(f'device={device} threads={threads} steps={steps} warmup={warmup} fp16={fp16}')
+    print(f'{"config":<10} {"params":>10} {"batch":>5} {"img/s":>8} {"s/step":>8} {"peak GiB":>9}')
+    for name in names:
+        r = run_isolated(name=name, device=device, steps=steps, warmup=warmup, threads=threads, fp16=fp16)
+        if 'error' in r:
+            print(f'{name:<10} error: {r["error"]}')
+            continue
+        print(f'{r["config"]:<10} {r["params"] / 1e6:>9.2f}M {r["batch"]:>5} {r["img_s"]:>8.2f} {r["sec_step"]:>8.3f} '
+              f'{r["peak_gib"]:>9.2f}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,307 @@
+"""Generate images from trained models, score them with FID and Inception Score, make reference statistics.
+
+    python eval.py generate --network=runs/00000-... --outdir=out --seeds=0-63
+    torchrun --standalone --nproc_per_node=8 eval.py generate --network=runs/00000-... --outdir=out \
+        --seeds=0-49999 --ref=stats.npz --num_images=50000
+    python eval.py ref --data=data.zip --dest=stats.npz
+    python eval.py fid --images=out/images --ref=stats.npz --num=50000
+    torchrun --standalone --nproc_per_node=8 eval.py fid --images=out/images --ref=stats.npz
+
+Reference statistics use EDM's `.npz` format (`mu`, `sigma`), so EDM's published references
+(https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/) work with `fid` and ours work with EDM's fid.py.
+The detector defaults to NVIDIA's Inception-v3 URL, fetched once into the dnnlib cache; offline, copy the
+file there or pass its path with --detector. The computation lives in `training.metrics`.
+"""
+
+import contextlib
+import json
+import os
+import time
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+import dnnlib
+from torch_utils import checkpoints
+from torch_utils import distributed as dist
+from torch_utils.ambient_diffusion import MaskCorruption
+from torch_utils.images import save_image_grid, save_png, to_uint8
+from torch_utils.misc import parse_int_list
+from training import metrics, samplers
+from training.training_loop import kimg_tag
+
+WANDB_PROJECT = 'ambient_diffusion'
+
+
+def _options(*decorators):
+    """Bundle click options so several commands (fid, ref, and later ones) share one definition."""
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
+detector_options = _options(
+    click.option('--detector',            help='Inception detector: TorchScript file, .pkl, or URL', metavar='PATH|URL', type=str, default=metrics.INCEPTION_URL, show_default=True),
+    click.option('--allow_unsafe_pickle', help='Let a network or detector pickle run the code it embeds (trusted files only)', is_flag=True),
+    click.option('--batch',               help='Images per batch and process',                metavar='INT',      type=click.IntRange(min=1), default=64, show_default=True),
+    click.option('--workers',             help='Data loading worker processes per process',    metavar='INT',      type=click.IntRange(min=0), default=2, show_default=True),
+)
+
+score_options = _options(
+    click.option('--ref',                 help='Reference statistics (.npz with mu, sigma)',   metavar='NPZ|URL',  type=str, required=True),
+    # torchrun's parser takes '--num' for an abbreviation of its --numa-binding; '--num_images' passes through.
+    click.option('--num', '--num_images', 'num', help='Number of images to score, error if fewer (under torchrun: --num_images)', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True),
+    click.option('--seed',                help='Seed of the random subset when there are more', metavar='INT',      type=int, default=0, show_default=True),
+    click.option('--outdir',              help='Where metrics.jsonl goes [default: the images folder\'s parent]', metavar='DIR', type=str),
+    click.option('--wandb',               help='Weights & Biases logging',                     type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True),
+)
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """Library errors (bad paths, missing files, too few images) as click's one-line `Error: ...`."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+
+
+def load_detector(opts):
+    """The detector named by `opts.detector`, on this process's device; rank 0 fetches it first."""
+    if dist.get_rank() != 0:
+        dist.barrier()  # Let rank 0 fill the download cache.
+    dist.print0(f'Loading detector {opts.detector} ...')
+    detector = metrics.load_detector(opts.detector, device=dist.device(), allow_unsafe_pickle=opts.allow_unsafe_pickle)
+    if dist.get_rank() == 0:
+        dist.barrier()
+    return detector
+
+
+def score_images(images, opts, extra=None, detector=None):
+    """FID and IS of the images in `images` against `opts.ref`; prints them and, on rank 0, appends a line to
+    `{opts.outdir}/metrics.jsonl` (and logs to wandb). `extra` is merged into that line. Returns the line."""
+    ref = metrics.load_stats(opts.ref)
+    detector = detector or load_detector(opts)
+    dist.print0(f'Computing statistics of {opts.num} images in {images} ...')
+    stats = metrics.calculate_inception_stats(images, detector, num_expected=opts.num, seed=opts.seed,
+        max_batch_size=opts.batch, device=dist.device(), num_workers=opts.workers)
+    if stats.mu.shape != ref['mu'].shape:
+        raise ValueError(f'{opts.ref} holds {ref["mu"].shape[0]}-d statistics but {opts.detector} gives '
+                         f'{stats.mu.shape[0]}-d features; make the reference with the same detector')
+    fid = metrics.calculate_fid(stats.mu, stats.sigma, ref['mu'], ref['sigma'])
+    record = dict(fid=fid, inception_score=stats.inception_score, inception_score_std=stats.inception_score_std,
+        inception_score_original=stats.inception_score_original, is_num_splits=stats.is_num_splits,
+        num_images=stats.num_images, images=os.path.abspath(images), ref=opts.ref, detector=opts.detector,
+        seed=opts.seed, batch=opts.batch, world_size=dist.get_world_size(), **(extra or {}), timestamp=time.time())
+    dist.print0(f'FID: {fid:.4f}')
+    dist.print0(f'IS:  {stats.inception_score:.4f} ± {stats.inception_score_std:.4f} ({stats.is_num_splits} splits)')
+    dist.print0(f'IS:  {stats.inception_score_original:.4f} (single split, as the original eval.py)')
+    if dist.get_rank() == 0:
+        outdir = opts.outdir or os.path.dirname(os.path.abspath(images.rstrip('/\\')))
+        os.makedirs(outdir, exist_ok=True)
+        with open(os.path.join(outdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+            f.write(json.dumps(record) + '\n')
+        if opts.wandb != 'off':
+            import wandb
+            run = wandb.init(mode=opts.wandb, project=WANDB_PROJECT, dir=outdir, job_type='eval', config=dict(opts))
+            run.log({key: record[key] for key in ('fid', 'inception_score', 'inception_score_std', 'inception_score_original')})
+            run.finish()
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation.
+
+def image_path(outdir, seed, subdirs=False):
+    return os.path.join(outdir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png') if subdirs else \
+        os.path.join(outdir, f'{seed:06d}.png')
+
+
+def generate_images(net, info, seeds, outdir, batch=64, subdirs=False, class_idx=None, corruption=None,
+                    sampler_kwargs={}, num_masks=1, resample_guidance_masks=False, device=None, progress=True,
+                    grid_path=None):
+    """Write `{outdir}/{seed:06d}.png` for every seed (seeds split across processes), skipping images already
+    on disk, and an 8x8 grid of the first 64 seeds to `grid_path` (outside `outdir`, which holds only samples,
+    so it can be scored as it is). Sample s does not depend on batch or process count.
+    Returns the number of images this process generated."""
+    device = torch.device(device) if device is not None else dist.device()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    todo = [s for s in seeds if not os.path.isfile(image_path(outdir, s, subdirs))]
+    num_batches = max((len(todo) - 1) // (batch * world_size) + 1, 1) * world_size
+    rank_batches = np.array_split(np.array(todo, dtype=np.int64), num_batches)[rank::world_size]
+    dist.print0(f'Generating {len(todo)} of {len(seeds)} images to "{outdir}" ({len(seeds) - len(todo)} already there)...')
+    count = 0
+    for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(rank != 0 or not progress)):
+        if len(batch_seeds) == 0:
+            continue
+        kwargs = dict(sampler_kwargs)
+        if info.ambient:
+            kwargs.update(corruption=corruption, num_masks=num_masks, resample_guidance_masks=resample_guidance_masks)
+        images = samplers.generate_batch(net, batch_seeds.tolist(), class_labels=class_idx, device=device, **kwargs)
+        for seed, image in zip(batch_seeds.tolist(), to_uint8(images)):
+            path = image_path(outdir, seed, subdirs)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_png(image, path)
+        count += len(batch_seeds)
+    dist.barrier()
+    grid_seeds = [s for s in seeds[:64] if os.path.isfile(image_path(outdir, s, subdirs))]
+    if rank == 0 and grid_seeds and grid_path is not None:
+        grid = [np.array(PIL.Image.open(image_path(outdir, s, subdirs))) for s in grid_seeds]
+        grid = torch.from_numpy(np.stack([g[:, :, None] if g.ndim == 2 else g for g in grid])).permute(0, 3, 1, 2)
+        save_image_grid(grid, grid_path, grid_w=8)
+    return count
+
+
+def _corruption_for(info, opts):
+    """The sampling corruption: the snapshot's training corruption, with the command-line overrides."""
+    if not info.ambient:
+        given = [k for k in ('corruption_pattern', 'corruption_probability', 'delta_probability', 'mask_full_rgb')
+                 if opts[k] is not None]
+        if given or opts.num_masks != 1:
+            raise click.ClickException(f'{info.path} is a clean (non-ambient) network: --{", --".join(given or ["num_masks"])} '
+                                       'do not apply')
+        return None
+    cfg = dict(info.corruption or {})
+    for key in ('corruption_pattern', 'corruption_probability', 'delta_probability', 'mask_full_rgb'):
+        if opts[key] is not None:
+            cfg[key] = opts[key]
+    missing = [k for k in ('corruption_pattern', 'corruption_probability', 'delta_probability') if k not in cfg]
+    if missing:
+        raise click.ClickException(f'{info.path} does not record its corruption; pass --{", --".join(missing)}')
+    return MaskCorruption(pattern=cfg['corruption_pattern'], corruption_probability=cfg['corruption_probability'],
+                          delta_probability=cfg['delta_probability'], mask_full_rgb=cfg.get('mask_full_rgb', False))
+
+
+def _process_snapshot(path, opts, detector_cache):
+    net, info = checkpoints.load_network(path, device=dist.device(), training_options=opts.training_options,
+                                         allow_unsafe_pickle=opts.allow_unsafe_pickle)
+    corruption = _corruption_for(info, opts)
+    tag = kimg_tag(info.nimg) if info.nimg is not None else os.path.splitext(os.path.basename(path))[0]
+    outdir = os.path.join(opts.outdir, tag)
+    sampler_kwargs = dict(num_steps=opts.steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
+        S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise, solver=opts.solver)
+    if info.ambient:
+        sampler_kwargs.update(guidance_scale=opts.guidance_scale, clipping=opts.clipping)
+    dist.print0(f'Network {path} ({info.format}, kimg {info.kimg}); corruption {corruption}')
+    generate_images(net, info, opts.seeds, outdir, batch=opts.batch, subdirs=opts.subdirs, class_idx=opts.class_idx,
+        corruption=corruption, sampler_kwargs=sampler_kwargs, num_masks=opts.num_masks,
+        resample_guidance_masks=opts.resample_guidance_masks, grid_path=os.path.join(opts.outdir, f'grid-{tag}.png'))
+    if opts.ref is not None:
+        if 'detector' not in detector_cache:
+            detector_cache['detector'] = load_detector(opts)
+        score_images(outdir, dnnlib.EasyDict(opts, num=opts.num or len(opts.seeds), outdir=opts.outdir,
+                     seed=opts.subset_seed), extra=dict(network=os.path.abspath(path), kimg=info.kimg),
+                     detector=detector_cache['detector'])
+
+
+@click.group()
+def cli():
+    """FID / Inception Score evaluation (run a command with --help for its options)."""
+
+
+@cli.command()
+@click.option('--images',   help='Folder (searched recursively) or zip of images to score', metavar='DIR|ZIP', type=str, required=True)
+@score_options
+@detector_options
+@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
+def fid(dry_run, **kwargs):
+    """FID and Inception Score of a folder of images against reference statistics."""
+    opts = dnnlib.EasyDict(kwargs)
+    if dry_run:
+        click.echo(json.dumps(opts, indent=2))
+        return
+    dist.init()
+    with _one_line_errors():
+        score_images(opts.images, opts)
+
+
+@cli.command()
+@click.option('--data',     help='Dataset (folder or zip, as made by dataset_tool.py)', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--dest',     help='Output statistics file',                              metavar='NPZ',     type=str, required=True)
+@click.option('--max_size', help='Use a random subset of at most this many images',      metavar='INT',     type=click.IntRange(min=2))
+@click.option('--seed',     help='Seed of the --max_size subset',                        metavar='INT',     type=int, default=0, show_default=True)
+@detector_options
+@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
+def ref(dry_run, **kwargs):
+    """Reference statistics (EDM's .npz format) of a dataset's clean images."""
+    opts = dnnlib.EasyDict(kwargs)
+    if dry_run:
+        click.echo(json.dumps(opts, indent=2))
+        return
+    if opts.seed != 0 and opts.max_size is None:
+        raise click.BadParameter('--seed only chooses the --max_size subset; add --max_size or drop --seed', param_hint='--seed')
+    dist.init()
+    with _one_line_errors():
+        detector = load_detector(opts)
+        dist.print0(f'Computing reference statistics of {opts.data} ...')
+        stats = metrics.calculate_inception_stats(opts.data, detector, max_size=opts.max_size, seed=opts.seed,
+            max_batch_size=opts.batch, device=dist.device(), compute_is=False, num_workers=opts.workers)
+        if dist.get_rank() == 0:
+            metrics.save_stats(opts.dest, stats.mu, stats.sigma)
+        dist.print0(f'Saved statistics of {stats.num_images} images ({stats.mu.shape[0]} features) to {opts.dest}')
+
+
+@cli.command()
+@click.option('--network',          help='Snapshot (.pt of ours, .pkl of the original) or run directory', metavar='PATH|DIR', type=str, required=True)
+@click.option('--outdir',           help='Where to save images: {outdir}/{kimg}/{seed:06d}.png and {outdir}/grid-{kimg}.png', metavar='DIR', type=str, required=True)
+@click.option('--latest',           help='Only the newest snapshot of a run directory', is_flag=True)
+@click.option('--training_options', help='training_options.json of an original .pkl  [default: next to it]', metavar='JSON', type=str)
+@click.option('--seeds',            help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=parse_int_list, default='0-63', show_default=True)
+@click.option('--subdirs',          help='Put images in subdirectories of 1000 seeds', is_flag=True)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--steps',            help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--sigma_min',        help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+@click.option('--sigma_max',        help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
+@click.option('--rho',              help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min',   help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max',   help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
+@click.option('--solver',           help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True)
+@click.option('--num_masks',        help='Masks per sample (K; >1 adds reconstruction guidance)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--guidance_scale',   help='Reconstruction guidance weight w', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--resample_guidance_masks', help='Draw new guidance masks at every step', is_flag=True)
+@click.option('--clipping',         help='Clipping of the denoised image', type=click.Choice(['none', 'static', 'dynamic']), default='static', show_default=True)
+@click.option('--corruption_pattern', help='Sampling mask pattern  [default: the training one]', type=click.Choice(['dust', 'box', 'fixed_box', 'keep_patch']))
+@click.option('--corruption_probability', help='p of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
+@click.option('--delta_probability', help='δ of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
+@click.option('--mask_full_rgb',    help='Share dust masks over channels  [default: the training one]', metavar='BOOL', type=bool)
+@click.option('--ref',              help='Also score each snapshot against these statistics', metavar='NPZ|URL', type=str)
+@click.option('--num', '--num_images', 'num', help='Images to score  [default: all seeds] (under torchrun: --num_images)', metavar='INT', type=click.IntRange(min=2))
+@click.option('--subset_seed',      help='Seed of the scored subset when there are more images', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--wandb',            help='Weights & Biases logging of the scores', type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True)
+@click.option('--watch',            help='Keep polling the run directory for new snapshots', is_flag=True)
+@click.option('--poll',             help='Seconds between polls with --watch', metavar='SEC', type=click.FloatRange(min=0.1), default=60, show_default=True)
+@detector_options
+@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
+def generate(dry_run, **kwargs):
+    """Generate images from every requested snapshot (skipping images already on disk) and optionally score them."""
+    opts = dnnlib.EasyDict(kwargs)
+    if dry_run:
+        click.echo(json.dumps(opts, indent=2))
+        return
+    if opts.watch and not os.path.isdir(opts.network):
+        raise click.BadParameter('--watch polls a run directory; --network is not one', param_hint='--watch')
+    dist.init()
+    done, detector_cache = set(), {}
+    with _one_line_errors():
+        while True:
+            paths = checkpoints.resolve_networks(opts.network, latest=opts.latest)
+            for path in [p for p in paths if p not in done]:
+                _process_snapshot(path, opts, detector_cache)
+                done.add(path)
+            if not opts.watch:
+                break
+            time.sleep(opts.poll)
+    dist.print0('Done.')
+
+
+main = cli
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,128 @@
+"""Tests for `eval.py generate`: snapshots -> images, resume of generation, batch independence, scoring."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+
+import eval as eval_cli
+import train
+from training import metrics
+from conftest import REPO, random_images, write_edm_dataset
+
+TINY = ['--cbase=8', '--cres=1,2', '--num_blocks=1', '--attn=8', '--batch=4', '--lr=1e-3', '--lr_rampup=0',
+        '--workers=0', '--augment=0', '--dropout=0', '--ema=0.001', '--duration=0.000008', '--nosubdir', '--seed=0']
+
+
+def invoke(command, args, expect_ok=True):
+    result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
+    if expect_ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('gen')
+    data = write_edm_dataset(root / 'data.zip', random_images(8, channels=3, resolution=16, seed=4))
+    invoke(train.main, ['--outdir', root / 'run', '--data', data, '--corruption_probability=0.5', *TINY])
+    return root / 'run'
+
+
+def pngs(folder):
+    return sorted(glob.glob(os.path.join(folder, '*.png')))
+
+
+def test_generate_every_snapshot_then_skip_existing(run_dir, tmp_path):
+    snaps = sorted(glob.glob(str(run_dir / 'network-snapshot-*.pt')))
+    assert len(snaps) == 2  # tick 0 and the end
+    out = tmp_path / 'out'
+    result = invoke(eval_cli.cli, ['generate', '--network', run_dir, '--outdir', out, '--seeds=0-4', '--batch=3', '--steps=3'])
+    dirs = sorted(d for d in os.listdir(out) if os.path.isdir(out / d))
+    assert dirs == ['000000.004', '000000.008']
+    for d in dirs:
+        files = [os.path.basename(p) for p in pngs(out / d)]
+        assert files == [f'{s:06d}.png' for s in range(5)]
+        grid = np.array(PIL.Image.open(out / f'grid-{d}.png'))
+        assert grid.shape == (16, 16 * 8, 3)  # one row of the 8-wide grid
+        assert np.array(PIL.Image.open(out / d / '000000.png')).shape == (16, 16, 3)
+    stamps = {p: os.path.getmtime(p) for p in pngs(out / dirs[-1])}
+    result = invoke(eval_cli.cli, ['generate', '--network', run_dir, '--latest', '--outdir', out, '--seeds=0-5',
+                                   '--batch=3', '--steps=3'])
+    assert 'Generating 1 of 6 images' in result.output
+    for p, t in stamps.items():
+        assert os.path.getmtime(p) == t, f'{p} was regenerated'
+
+
+def test_samples_do_not_depend_on_batch_size(run_dir, tmp_path):
+    common = ['generate', '--network', run_dir, '--latest', '--seeds=3-7', '--steps=4', '--num_masks=2',
+              '--guidance_scale=0.5', '--S_churn=5']
+    invoke(eval_cli.cli, common + ['--outdir', tmp_path / 'a', '--batch=5'])
+    invoke(eval_cli.cli, common + ['--outdir', tmp_path / 'b', '--batch=2'])
+    for pa in pngs(tmp_path / 'a' / '000000.008'):
+        pb = str(pa).replace(str(tmp_path / 'a'), str(tmp_path / 'b'))
+        assert np.array_equal(np.array(PIL.Image.open(pa)), np.array(PIL.Image.open(pb))), pa
+
+
+def test_corruption_override_changes_samples(run_dir, tmp_path):
+    common = ['generate', '--network', run_dir, '--latest', '--seeds=0', '--steps=3']
+    invoke(eval_cli.cli, common + ['--outdir', tmp_path / 'a'])
+    invoke(eval_cli.cli, common + ['--outdir', tmp_path / 'b', '--corruption_probability=0.1', '--delta_probability=0'])
+    a = np.array(PIL.Image.open(tmp_path / 'a' / '000000.008' / '000000.png'))
+    b = np.array(PIL.Image.open(tmp_path / 'b' / '000000.008' / '000000.png'))
+    assert not np.array_equal(a, b)
+
+
+def test_generate_and_score(run_dir, tmp_path):
+    detector = metrics.save_tiny_detector(str(tmp_path / 'tiny.pt'), seed=0, feature_dim=8)
+    ref = tmp_path / 'ref.npz'
+    data = write_edm_dataset(tmp_path / 'ref.zip', random_images(12, channels=3, resolution=16, seed=9))
+    invoke(eval_cli.cli, ['ref', '--data', data, '--dest', ref, '--detector', detector, '--workers=0'])
+    out = tmp_path / 'out'
+    invoke(eval_cli.cli, ['generate', '--network', run_dir, '--latest', '--outdir', out, '--seeds=0-9', '--steps=2',
+                          '--ref', ref, '--detector', detector, '--workers=0'])
+    rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
+    assert len(rows) == 1 and rows[0]['num_images'] == 10 and np.isfinite(rows[0]['fid'])
+    assert rows[0]['kimg'] == pytest.approx(0.008) and rows[0]['network'].endswith('.pt')
+
+
+def test_generate_errors(run_dir, tmp_path):
+    result = invoke(eval_cli.cli, ['generate', '--network', run_dir, '--outdir', tmp_path, '--class=1'], expect_ok=False)
+    assert result.exit_code != 0 and 'unconditional' in result.output
+    result = invoke(eval_cli.cli, ['generate', '--network', tmp_path / 'none', '--outdir', tmp_path], expect_ok=False)
+    assert result.exit_code != 0 and 'none' in result.output
+    result = invoke(eval_cli.cli, ['generate', '--network', run_dir / 'log.txt', '--outdir', tmp_path, '--watch'],
+                    expect_ok=False)
+    assert result.exit_code != 0 and '--watch' in result.output
+
+
+def test_clean_network_uses_edm_sampler(tmp_path):
+    data = write_edm_dataset(tmp_path / 'data.zip', random_images(4, channels=1, resolution=16, seed=5))
+    invoke(train.main, ['--outdir', tmp_path / 'run', '--data', data, '--precond=edm', '--corruption_probability=0',
+                        '--delta_probability=0', *TINY])
+    invoke(eval_cli.cli, ['generate', '--network', tmp_path / 'run', '--latest', '--outdir', tmp_path / 'out',
+                          '--seeds=0-1', '--steps=2'])
+    assert len(pngs(tmp_path / 'out' / '000000.008')) == 2
+    result = invoke(eval_cli.cli, ['generate', '--network', tmp_path / 'run', '--latest', '--outdir', tmp_path / 'o2',
+                                   '--num_masks=2'], expect_ok=False)
+    assert 'clean (non-ambient) network' in result.output
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_images(run_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    args = ['eval.py', 'generate', '--network', str(run_dir), '--latest', '--seeds=0-6', '--batch=2', '--steps=3']
+    subprocess.run([sys.executable] + args + ['--outdir', str(tmp_path / 'one')], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] + args +
+                   ['--outdir', str(tmp_path / 'two')], cwd=REPO, env=env, check=True, capture_output=True)
+    one, two = pngs(tmp_path / 'one' / '000000.008'), pngs(tmp_path / 'two' / '000000.008')
+    assert [os.path.basename(p) for p in one] == [os.path.basename(p) for p in two]
+    for a, b in zip(one, two):
+        assert np.array_equal(np.array(PIL.Image.open(a)), np.array(PIL.Image.open(b))), a

@@ -1,0 +1,400 @@
+"""Samplers: EDM's deterministic/stochastic sampler and Ambient Diffusion's fixed-mask sampler.
+
+Every sampler is a function of a denoiser D(x; σ) and follows EDM's Algorithm 2 (Karras et al. 2022):
+time steps t_i, optional churn (x̂ = x_i + sqrt(t̂² − t_i²)·S_noise·ε), an Euler step from x̂ and a Heun
+correction. The trajectory is float64; the network receives the float64 state and computes in its own
+precision (the preconditioners cast to float32 or fp16), and D is cast back to float64.
+
+`ambient_sampler` is the fixed-mask sampler of Ambient Diffusion (Daras et al. 2023, Sec. 4). The caller draws
+K masks per trajectory (`sample_masks`): mask 0 is the sampling mask, masks 1..K−1 the guidance masks, all
+distributed like Ã. With D_j(x, σ) = net([M_j ⊙ x, M_j], σ)[:, :C] (`ambient_denoiser`), the step uses the
+guided estimate
+
+    D̃(x, σ) = D_0 − ∇_x [ w·½ Σ_{j≥1} ‖D_0 − D_j‖² + Σ_terms ℓ(x, σ, D_0) ],
+
+i.e. reconstruction guidance corrects the denoised estimate, as in Ho et al. 2022 ("Video Diffusion
+Models", Sec. 3.1), in both Heun stages. The gradient flows through D_0 and every D_j: it is the gradient of
+the stated inconsistency. Through x' = x̂ + (t_{i+1} − t̂)(x̂ − D̃)/t̂ it moves x by −w·(t̂ − t_{i+1})/t̂ times
+the gradient, a step proportional to the ODE step; the last step returns D̃ itself.
+`extra_guidance` terms ℓ (e.g. DPS data consistency ζ‖y − 𝒜(D_0)‖) enter the same sum; the sampler takes
+one gradient of the total.
+
+Decisions against the original (giannisdaras/ambient-diffusion `eval.py`):
+- the guidance loss is ½Σ_j‖D_0 − D_j‖², without the original's extra factor K, and corrects D instead of
+  being added raw to the ODE step, so the push scales with the step. The original's guidance_scale λ
+  moved x by about λ·K·∇ per step; ours moves it by w·r·∇ with r = (t̂ − t_{i+1})/t̂ (0.28 to 0.73 for
+  EDM's 18 steps, 1 at the last), so w ≈ λ·K/r, i.e. 1.4 to 3.6 times λ·K;
+- churn is EDM's: the Euler step starts from x̂ (the original started it from x_i);
+- dynamic clipping is real per-sample thresholding (the original's percentile bug made it static);
+- guidance masks are resampled as masks 1..K−1 (the original replaced batch elements 1: instead);
+- masks come from per-seed generators, so a sample does not depend on its batch or process;
+- no autograd graph is built when nothing needs a gradient (K = 1 or w = 0, and no extra terms): the cost
+  is exactly the network evaluations, 2N − 1 for Heun and N for Euler. With guidance the K denoisers of a
+  stage run as one network call of batch N·K.
+"""
+
+import inspect
+import math
+import numbers
+
+import torch
+
+from torch_utils.ambient_diffusion import MaskCorruption
+from torch_utils.misc import StackedRandomGenerator
+
+SOLVERS = ('euler', 'heun')
+CLIPPING_MODES = ('none', 'static', 'dynamic')
+
+#----------------------------------------------------------------------------
+# Time steps and the shared integration loop.
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f'{name}={value!r} is invalid; pass an integer >= {minimum}')
+    return int(value)
+
+
+def edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=None, dtype=torch.float64, device=None):
+    """EDM time steps (Karras et al. 2022, Eq. 5) with t_N = 0 appended: [num_steps + 1] tensor.
+
+    t_i = (σmax^(1/ρ) + i/(N−1)·(σmin^(1/ρ) − σmax^(1/ρ)))^ρ, i = 0..N−1 (N = 1 gives t_0 = σmax). With a
+    `net`, σmin and σmax are first clamped to [net.sigma_min, net.sigma_max] and the steps are rounded with
+    `net.round_sigma`; a net without these attributes accepts every σ > 0 unrounded. `device=None`: CPU.
+    """
+    num_steps = _check_int('num_steps', num_steps, 1)
+    if net is not None:
+        sigma_min = max(sigma_min, getattr(net, 'sigma_min', 0))
+        sigma_max = min(sigma_max, getattr(net, 'sigma_max', math.inf))
+    if not 0 < sigma_min <= sigma_max < math.inf:
+        raise ValueError(f'sigma_min={sigma_min!r}, sigma_max={sigma_max!r} (after clamping to the network\'s '
+                         f'range) are invalid; pass 0 < sigma_min <= sigma_max < inf')
+    if not rho > 0:
+        raise ValueError(f'rho={rho!r} is invalid; pass rho > 0 (EDM uses 7)')
+    step_indices = torch.arange(num_steps, dtype=dtype, device=device)
+    ramp = step_indices / max(num_steps - 1, 1)
+    t_steps = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    if net is not None and hasattr(net, 'round_sigma'):
+        t_steps = torch.as_tensor(net.round_sigma(t_steps)).to(dtype)
+    return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+
+
+def _check_schedule_options(solver, S_churn, S_min, S_max, S_noise):
+    if solver not in SOLVERS:
+        raise ValueError(f'solver={solver!r} is unknown; pass one of {", ".join(SOLVERS)}')
+    if not S_churn >= 0 or not S_noise >= 0 or not S_min <= S_max:
+        raise ValueError(f'S_churn={S_churn!r}, S_noise={S_noise!r}, S_min={S_min!r}, S_max={S_max!r} are invalid; '
+                         f'pass S_churn >= 0, S_noise >= 0 and S_min <= S_max')
+
+
+def _integrate(denoise, latents, t_steps, randn_like, round_sigma, S_churn, S_min, S_max, S_noise, solver,
+               begin_step=None):
+    """EDM Algorithm 2 for a denoiser `denoise(x, t) -> D` (float64); returns x_N (float64).
+
+    `begin_step(i)` runs before the evaluations of step i. Churn noise is drawn at every step when
+    S_churn > 0 (also where γ = 0), so the random stream matches EDM's generate.py.
+    """
+    num_steps = len(t_steps) - 1
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):   # 0, ..., N−1
+        if begin_step is not None:
+            begin_step(i)
+        x_cur = x_next
+
+        # Increase the noise level temporarily (churn).
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = torch.as_tensor(round_sigma(t_cur + gamma * t_cur), dtype=torch.float64, device=t_cur.device)
+        x_hat = x_cur
+        if S_churn > 0:
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+
+        # Euler step from x̂.
+        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+
+        # Second-order (Heun) correction, except at the last step where t_{i+1} = 0.
+        if solver == 'heun' and i < num_steps - 1:
+            d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def _round_sigma(net):
+    return getattr(net, 'round_sigma', lambda sigma: sigma)
+
+
+def _check_latents(latents):
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+        raise ValueError(f'latents must be a tensor [N, C, H, W], got '
+                         f'{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}')
+
+#----------------------------------------------------------------------------
+# EDM's sampler for clean models.
+
+@torch.no_grad()
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002,
+                sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, solver='heun'):
+    """EDM's sampler (Karras et al. 2022, Algorithm 2) for a clean denoiser `net(x, σ, class_labels)`.
+
+    latents: [N, C, H, W] standard normal; returns x_N [N, C, H, W] float64. S_churn = 0 gives the
+    deterministic sampler (2N − 1 network evaluations with Heun, N with Euler).
+    """
+    if getattr(net, 'ambient', False):
+        raise ValueError('edm_sampler got an ambient network (input [Ã ⊙ x, Ã]); use ambient_sampler for it')
+    _check_latents(latents)
+    _check_schedule_options(solver, S_churn, S_min, S_max, S_noise)
+    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=net, device=latents.device)
+
+    def denoise(x, t):
+        return net(x, t, class_labels).to(torch.float64)
+
+    return _integrate(denoise, latents, t_steps, randn_like, _round_sigma(net), S_churn, S_min, S_max, S_noise,
+                      solver)
+
+#----------------------------------------------------------------------------
+# Ambient denoisers, clipping and guidance.
+
+def ambient_denoiser(net, mask, class_labels=None):
+    """D(x, σ) = net([M ⊙ x, M], σ)[:, :C] for an ambient network (Daras et al. 2023, Sec. 3).
+
+    mask: [N, C, H, W] (D has x's shape) or [N, K, C, H, W] (K masks per sample, evaluated as one network call
+    of batch N·K; D is [N, K, C, H, W]). Returns a function of x [N, C, H, W] and σ (scalar or [N]) that
+    keeps autograd's current mode, so it serves both gradient-free sampling and guidance; D has x's dtype.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (4, 5):
+        raise ValueError(f'mask must be a tensor [N, C, H, W] or [N, K, C, H, W], got '
+                         f'{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}')
+    per_sample_masks = mask.ndim == 5
+    masks = mask if per_sample_masks else mask[:, None]                                  # [N, K, C, H, W]
+    n, k, c, h, w = masks.shape
+    labels = class_labels
+    if labels is not None and k > 1:
+        labels = labels.repeat_interleave(k, dim=0)
+
+    def denoise(x, sigma):
+        if x.shape != (n, c, h, w):
+            raise ValueError(f'x has shape {tuple(x.shape)} but the masks are for images {(n, c, h, w)}')
+        m = masks.to(x.dtype)
+        net_input = torch.cat([x[:, None] * m, m], dim=2).reshape(n * k, 2 * c, h, w)   # [N·K, 2C, H, W]
+        sigma = torch.as_tensor(sigma, device=x.device)
+        if sigma.ndim > 0 and sigma.numel() == n and k > 1:
+            sigma = sigma.reshape(n).repeat_interleave(k)
+        D = net(net_input, sigma, labels)
+        if D.shape[1] < c:
+            raise ValueError(f'the network returns {D.shape[1]} channels; its denoised image needs {c}')
+        D = D[:, :c].to(x.dtype).reshape(n, k, c, h, w)
+        return D if per_sample_masks else D[:, 0]
+
+    return denoise
+
+
+def _check_clipping(clipping, clip_percentile):
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f'clipping={clipping!r} is unknown; pass one of {", ".join(CLIPPING_MODES)}')
+    if clipping == 'dynamic' and not 0 < clip_percentile <= 1:
+        raise ValueError(f'clip_percentile={clip_percentile!r} is outside (0, 1]; pass e.g. 0.995')
+
+
+def clip_denoised(D, clipping='none', clip_percentile=0.995):
+    """Clip a denoised estimate D [..., C, H, W] per sample (every leading index is a sample).
+
+    'none': D unchanged. 'static': clamp to [−1, 1]. 'dynamic': Imagen's dynamic thresholding (Saharia et al.
+    2022, Sec. 2.3): s = max(quantile(|D|, clip_percentile), 1) over the sample's C·H·W values, then
+    D = clamp(D, −s, s)/s.
+    """
+    _check_clipping(clipping, clip_percentile)
+    if clipping == 'none':
+        return D
+    if clipping == 'static':
+        return D.clamp(-1, 1)
+    flat = D.reshape(*D.shape[:-3], -1)                                                  # [..., C·H·W]
+    s = torch.quantile(flat.abs(), clip_percentile, dim=-1, keepdim=True).clamp_min(1)   # [..., 1]
+    return (torch.maximum(torch.minimum(flat, s), -s) / s).reshape(D.shape)
+
+
+def guided_ambient_denoiser(net, masks, class_labels=None, guidance_scale=0.0, clipping='none',
+                            clip_percentile=0.995, extra_guidance=()):
+    """The guided estimate D̃(x, σ) of the ambient sampler (see the module docstring), as a function.
+
+    masks [N, K, C, H, W]: D_0 uses mask 0, reconstruction guidance masks 1..K−1 (used only when
+    guidance_scale w > 0). Each D_j is clipped (`clip_denoised`) before it enters the guidance loss, so the
+    gradient passes through the clipping. `extra_guidance`: callables `term(x, sigma, D0) -> loss` (a scalar,
+    or per-sample losses [N] that are summed); x requires grad and D0 = clipped D_0 is attached to the graph,
+    so a term differentiates through the network. Without w·(K > 1) and extra terms no gradient is taken
+    and the function evaluates D_0 alone (one network call of batch N, under the caller's autograd mode).
+    """
+    masks = _check_masks(masks)
+    if not guidance_scale >= 0:
+        raise ValueError(f'guidance_scale={guidance_scale!r} is invalid; pass guidance_scale >= 0')
+    extra_guidance = tuple(extra_guidance)
+    if not all(callable(term) for term in extra_guidance):
+        raise ValueError('extra_guidance must be a sequence of callables term(x, sigma, D0) -> loss')
+    _check_clipping(clipping, clip_percentile)
+    reconstruction = guidance_scale > 0 and masks.shape[1] > 1
+    if not reconstruction and not extra_guidance:
+        D_0 = ambient_denoiser(net, masks[:, 0], class_labels)
+        return lambda x, sigma: clip_denoised(D_0(x, sigma), clipping, clip_percentile)
+    D_all = ambient_denoiser(net, masks if reconstruction else masks[:, :1], class_labels)
+
+    def denoise(x, sigma):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            D = clip_denoised(D_all(x, sigma), clipping, clip_percentile)               # [N, K, C, H, W]
+            D0 = D[:, 0]
+            loss = x.new_zeros([])
+            if reconstruction:
+                loss = loss + guidance_scale * 0.5 * (D0[:, None] - D[:, 1:]).square().sum()
+            for term in extra_guidance:
+                value = term(x, sigma, D0)
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f'guidance term {term!r} returned {type(value).__name__}; return a loss tensor')
+                loss = loss + value.sum()
+            grad = torch.autograd.grad(loss, x)[0] if loss.requires_grad else torch.zeros_like(x)
+        return (D0 - grad).detach()
+
+    return denoise
+
+
+def _check_masks(masks):
+    if not isinstance(masks, torch.Tensor) or masks.ndim not in (4, 5):
+        raise ValueError(f'masks must be a tensor [N, K, C, H, W] (or [N, C, H, W] for K = 1), got '
+                         f'{tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__}')
+    return masks if masks.ndim == 5 else masks[:, None]
+
+#----------------------------------------------------------------------------
+# The fixed-mask ambient sampler.
+
+@torch.no_grad()
+def ambient_sampler(net, latents, masks, class_labels=None, randn_like=torch.randn_like, num_steps=18,
+                    sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
+                    solver='heun', guidance_scale=0.0, clipping='none', clip_percentile=0.995, resample_masks=None,
+                    extra_guidance=()):
+    """Fixed-mask sampler of Ambient Diffusion (Daras et al. 2023, Sec. 4) on EDM's Algorithm 2.
+
+    latents: [N, C, H, W] standard normal. masks: [N, K, C, H, W] (K ≥ 1; or [N, C, H, W] for K = 1), drawn
+    once per trajectory by the caller (`sample_masks`); mask 0 is the sampling mask, 1..K−1 the guidance
+    masks. guidance_scale: w of the reconstruction guidance (needs K > 1). clipping: 'none' | 'static' |
+    'dynamic' (`clip_denoised`). resample_masks: optional callable(step_index) -> new guidance masks
+    [N, K−1, C, H, W], called at the start of steps 1..N−1 when guidance is on (`masks` serves step 0).
+    extra_guidance: terms term(x, sigma, D0) -> loss (see `guided_ambient_denoiser`).
+    Returns x_N [N, C, H, W] float64.
+    """
+    _check_latents(latents)
+    masks = _check_masks(masks)
+    n, k = masks.shape[:2]
+    if masks.shape[0] != latents.shape[0] or masks.shape[2:] != latents.shape[1:]:
+        raise ValueError(f'masks {tuple(masks.shape)} do not match latents {tuple(latents.shape)}; pass masks '
+                         f'[N, K, C, H, W] for latents [N, C, H, W]')
+    if getattr(net, 'ambient', True) is False:
+        raise ValueError('ambient_sampler got a clean network (ambient=False); use edm_sampler for it')
+    _check_schedule_options(solver, S_churn, S_min, S_max, S_noise)
+    if resample_masks is not None and not callable(resample_masks):
+        raise ValueError(f'resample_masks={resample_masks!r} is not callable; pass a function of the step index')
+    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=net, device=latents.device)
+    options = dict(class_labels=class_labels, guidance_scale=guidance_scale, clipping=clipping,
+                   clip_percentile=clip_percentile, extra_guidance=extra_guidance)
+    current = dict(denoise=guided_ambient_denoiser(net, masks, **options))
+
+    def begin_step(i):
+        if i == 0 or resample_masks is None or not (guidance_scale > 0 and k > 1):
+            return
+        guidance_masks = resample_masks(i)
+        expected = (n, k - 1, *masks.shape[2:])
+        if not isinstance(guidance_masks, torch.Tensor) or tuple(guidance_masks.shape) != expected:
+            raise ValueError(f'resample_masks({i}) returned '
+                             f'{tuple(guidance_masks.shape) if isinstance(guidance_masks, torch.Tensor) else guidance_masks!r}; '
+                             f'return guidance masks of shape {expected}')
+        new_masks = torch.cat([masks[:, :1], guidance_masks.to(masks.device, masks.dtype)], dim=1)
+        current['denoise'] = guided_ambient_denoiser(net, new_masks, **options)
+
+    return _integrate(lambda x, t: current['denoise'](x, t), latents, t_steps, randn_like, _round_sigma(net),
+                      S_churn, S_min, S_max, S_noise, solver, begin_step=begin_step)
+
+#----------------------------------------------------------------------------
+# Per-seed masks and batch generation.
+
+def sample_masks(corruption: MaskCorruption, shape, num_masks, generators):
+    """K = num_masks masks distributed like Ã per sample: [N, K, C, H, W] float32.
+
+    `generators`: a list of N torch.Generators (one per seed; sample i is drawn from generator i alone, masks
+    0..K−1 in order, so it does not depend on its batch or process), a single generator, or None.
+    """
+    if not isinstance(corruption, MaskCorruption):
+        raise ValueError(f'corruption={corruption!r} is not a MaskCorruption; build one with '
+                         f'torch_utils.ambient_diffusion.get_mask_corruption(...)')
+    num_masks = _check_int('num_masks', num_masks, 1)
+    return torch.stack([corruption.sample_sampling_mask(shape, generators) for _ in range(num_masks)], dim=1)
+
+
+def _net_device(net):
+    if isinstance(net, torch.nn.Module):
+        for tensor in list(net.parameters()) + list(net.buffers()):
+            return tensor.device
+    return torch.device('cpu')
+
+
+def _class_labels(net, class_labels, rnd, n, device):
+    """EDM's generate.py: a random class per seed for conditional nets (always drawn, so the random
+    stream does not depend on the option), overridden by a class index or given one-hot labels."""
+    label_dim = getattr(net, 'label_dim', 0)
+    if not label_dim:
+        if class_labels is not None:
+            raise ValueError(f'class_labels={class_labels!r} given for an unconditional network (label_dim=0); '
+                             f'pass class_labels=None')
+        return None
+    labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[n], device=device)]
+    if class_labels is None:
+        return labels
+    if isinstance(class_labels, numbers.Integral) and not isinstance(class_labels, bool):
+        if not 0 <= class_labels < label_dim:
+            raise ValueError(f'class_labels={class_labels!r} is outside 0..{label_dim - 1}; pass a valid class index')
+        return torch.nn.functional.one_hot(torch.full([n], int(class_labels), device=device), label_dim).float()
+    class_labels = torch.as_tensor(class_labels, device=device, dtype=torch.float32)
+    if tuple(class_labels.shape) != (n, label_dim):
+        raise ValueError(f'class_labels has shape {tuple(class_labels.shape)}; pass a class index or one-hot '
+                         f'labels [{n}, {label_dim}]')
+    return class_labels
+
+
+def generate_batch(net, seeds, corruption=None, class_labels=None, device=None, num_masks=1,
+                   resample_guidance_masks=False, **sampler_kwargs):
+    """Images [N, C, H, W] float32 in [−1, 1] for the given seeds, independent of batch and process.
+
+    A `StackedRandomGenerator` over `seeds` draws, per seed and in this order: the latents, a class label
+    (conditional nets), the K = num_masks masks (ambient nets, from `corruption`), then the churn noise and
+    (with `resample_guidance_masks`) fresh guidance masks at each step. Ambient networks (`net.ambient`)
+    go to `ambient_sampler`, clean ones to `edm_sampler`; `sampler_kwargs` are passed on. class_labels: None
+    (a random class per seed for conditional nets), a class index, or one-hot labels [N, label_dim].
+    device=None: the network's device. The network must be in eval mode (dropout would draw from torch's
+    global generator).
+    """
+    if isinstance(net, torch.nn.Module) and net.training:
+        raise ValueError('the network is in training mode (dropout active); call net.eval() before sampling')
+    device = torch.device(device) if device is not None else _net_device(net)
+    rnd = StackedRandomGenerator(device, seeds)
+    n = len(rnd.seeds)
+    ambient = bool(getattr(net, 'ambient', False))
+    channels = net.img_channels // 2 if ambient else net.img_channels
+    shape = [n, channels, net.img_resolution, net.img_resolution]
+    latents = rnd.randn(shape, device=device)
+    labels = _class_labels(net, class_labels, rnd, n, device)
+
+    if not ambient:
+        if corruption is not None or num_masks != 1 or resample_guidance_masks:
+            raise ValueError('corruption, num_masks and resample_guidance_masks apply to ambient networks only; '
+                             'leave them unset for a clean network')
+        unknown = sorted(set(sampler_kwargs) - set(inspect.signature(edm_sampler).parameters))
+        if unknown:
+            raise ValueError(f'edm_sampler (clean network) has no option(s) {unknown}; they apply to ambient '
+                             f'networks only')
+        images = edm_sampler(net, latents, labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    else:
+        if corruption is None:
+            raise ValueError('an ambient network needs corruption=MaskCorruption(...) to draw its sampling masks')
+        masks = sample_masks(corruption, shape, num_masks, rnd.generators)
+        if resample_guidance_masks:
+            if 'resample_masks' in sampler_kwargs:
+                raise ValueError('pass either resample_guidance_masks=True or resample_masks, not both')
+            sampler_kwargs['resample_masks'] = lambda i: sample_masks(corruption, shape, num_masks - 1,
+                                                                      rnd.generators)
+        images = ambient_sampler(net, latents, masks, labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    return images.clamp(-1, 1).to(torch.float32)
