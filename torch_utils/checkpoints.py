@@ -518,12 +518,14 @@ def _rebuild_module_pickle(ema, path):
     return net, info
 
 
-def _load_unsafe(local, path):
-    """Unpickle a module pickle running its embedded source (EDM persistence); tensors still go to the CPU."""
+def unsafe_load(file, path):
+    """Unpickle a binary file object running the source code its persistent objects embed (EDM/StyleGAN
+    `torch_utils.persistence`); trusted files only. Tensors still land on the CPU."""
     warnings.warn(f'{path}: running the source code embedded in the pickle ({UNSAFE_FLAG})', stacklevel=3)
     shim = types.ModuleType('torch_utils.persistence')
     shim.persistent_class = lambda cls: cls  # the embedded source decorates its classes with it
     shim.is_persistent = lambda obj: False
+    shim.import_hook = lambda hook: hook
     modules = {}
 
     def reconstruct(meta):
@@ -536,10 +538,11 @@ def _load_unsafe(local, path):
             modules[name] = module
         cls = modules[name].__dict__[meta['class_name']]
         obj = cls.__new__(cls)
+        state = dnnlib.EasyDict(meta['state']) if isinstance(meta['state'], dict) else meta['state']
         if callable(getattr(obj, '__setstate__', None)):
-            obj.__setstate__(meta['state'])
+            obj.__setstate__(state)
         else:
-            obj.__dict__.update(meta['state'])
+            obj.__dict__.update(state)
         return obj
 
     class UnsafeUnpickler(pickle.Unpickler):
@@ -554,8 +557,7 @@ def _load_unsafe(local, path):
     saved = sys.modules.get(shim.__name__), getattr(torch_utils, 'persistence', None)
     sys.modules[shim.__name__], torch_utils.persistence = shim, shim
     try:
-        with open(local, 'rb') as f:
-            data = UnsafeUnpickler(f).load()
+        return UnsafeUnpickler(file).load()
     finally:
         if saved[0] is None:
             del sys.modules[shim.__name__]
@@ -565,6 +567,12 @@ def _load_unsafe(local, path):
             del torch_utils.persistence
         else:
             torch_utils.persistence = saved[1]
+
+
+def _load_unsafe(local, path):
+    """A module pickle loaded by running its embedded source (`unsafe_load`); returns (net, info)."""
+    with open(local, 'rb') as f:
+        data = unsafe_load(f, path)
     net = data['ema']
     if not isinstance(net, torch.nn.Module):
         raise ValueError(f'{path}: "ema" unpickled to a {type(net).__name__}, not a torch module')

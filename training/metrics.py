@@ -15,12 +15,8 @@ Multi-process: each rank takes every W-th image, and only sums (of features, out
 IS split statistics) cross processes, so ranks may hold different numbers of images.
 """
 
-import collections
-import hashlib
 import io
 import os
-import pickle
-import types
 import warnings
 import zipfile
 
@@ -31,6 +27,7 @@ import torch.nn.functional as F
 import tqdm
 
 import dnnlib
+from torch_utils import checkpoints
 from torch_utils import distributed as dist
 
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
@@ -67,137 +64,40 @@ def _is_torchscript_archive(data):
     return any(name.endswith('/constants.pkl') or '/code/' in name for name in names)
 
 
-class _PersistentRecord:
-    """Stands in for a `torch_utils.persistence` object: keeps its metadata, runs none of its source."""
-
-    def __init__(self, meta):
-        self.meta = meta
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    """A global the restricted unpickler will not load (its name is the message)."""
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles plain data and persistence records only; any other global is refused before it is called.
-
-    A persistence pickle (StyleGAN/EDM `torch_utils/persistence.py`) is a call of
-    `torch_utils.persistence._reconstruct_persistent_obj(meta)` with meta = dict(type, version, module_src,
-    class_name, state); the original executes `module_src`. Here that call only records `meta`.
-    """
-
-    _SAFE = {
-        ('collections', 'OrderedDict'): collections.OrderedDict,
-        ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
-        ('dnnlib', 'EasyDict'): dnnlib.EasyDict,
-        ('builtins', 'set'): set,
-        ('builtins', 'frozenset'): frozenset,
-        ('builtins', 'bytearray'): bytearray,
-        ('_codecs', 'encode'): lambda text, encoding='latin1': text.encode(encoding),  # protocol-2 bytes
-        # Tensors, rebuilt the way torch.load(weights_only=True) does (no arbitrary code).
-        ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
-        ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
-        ('torch.storage', '_load_from_bytes'): lambda b: torch.load(io.BytesIO(b), weights_only=True, map_location='cpu'),
-    }
-
-    def find_class(self, module, name):
-        module = 'builtins' if module == '__builtin__' else module  # protocol-2 pickles use Python 2 names
-        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
-            return _PersistentRecord
-        if (module, name) in self._SAFE:
-            return self._SAFE[(module, name)]
-        raise _RefusedGlobal(f'{module}.{name}')
-
-
-def _find_torchscript(obj, found, seen):
+def _find_torchscript(obj, found, calls, seen):
+    """Collect TorchScript archives (bytes) anywhere in an object built by `checkpoints.restricted_load`,
+    and the names of the code the pickle would have called (`calls`)."""
     if id(obj) in seen:
         return
     seen.add(id(obj))
     if isinstance(obj, (bytes, bytearray)):
         if _is_torchscript_archive(obj):
             found.append(bytes(obj))
-    elif isinstance(obj, _PersistentRecord):
-        _find_torchscript(obj.meta, found, seen)
+    elif isinstance(obj, checkpoints.PickledObject):
+        calls.add(obj.pickled_global)
+        for part in (obj.pickled_args, obj.pickled_kwargs, obj.pickled_state, obj.pickled_items):
+            _find_torchscript(part, found, calls, seen)
     elif isinstance(obj, dict):
         for value in obj.values():
-            _find_torchscript(value, found, seen)
+            _find_torchscript(value, found, calls, seen)
     elif isinstance(obj, (list, tuple, set, frozenset)):
         for value in obj:
-            _find_torchscript(value, found, seen)
+            _find_torchscript(value, found, calls, seen)
 
 
 def _load_pickled_torchscript(data, path):
     """The TorchScript module embedded in a pickle, found without running any code, or None."""
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(data)).load()
-    except _RefusedGlobal as err:
-        return None, f'it references {err}'
+        obj = checkpoints.restricted_load(io.BytesIO(data))
     except Exception as err:  # Truncated or corrupt data, or a layout the restricted reader cannot rebuild.
         raise DetectorError(f'{path} is not a readable pickle ({type(err).__name__}: {err})') from None
-    found = []
-    _find_torchscript(obj, found, set())
+    found, calls = [], set()
+    _find_torchscript(obj, found, calls, set())
     if len(found) > 1:
         raise DetectorError(f'{path} holds {len(found)} TorchScript archives; cannot tell which one is the detector')
-    return (_jit_load(found[0]), None) if found else (None, 'it holds no TorchScript archive')
-
-
-def _persistence_shim():
-    """Modules standing in for `torch_utils` / `torch_utils.persistence` inside executed pickle source."""
-    persistence = types.ModuleType('torch_utils.persistence')
-    persistence.persistent_class = lambda cls: cls
-    persistence.is_persistent = lambda obj: False
-    persistence.import_hook = lambda hook: hook
-    package = types.ModuleType('torch_utils')
-    package.persistence = persistence
-
-    def missing(name):  # Other torch_utils submodules come from this repository.
-        import importlib
-        return importlib.import_module(f'torch_utils.{name}')
-    package.__getattr__ = missing
-    return package
-
-
-def _unsafe_unpickle(data):
-    """Full unpickling that executes the source embedded by `torch_utils.persistence` (trusted files only)."""
-    import builtins
-
-    shim = _persistence_shim()
-    real_import = builtins.__import__
-
-    def shim_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if level == 0 and (name == 'torch_utils.persistence' or (name == 'torch_utils' and 'persistence' in (fromlist or ()))):
-            return shim
-        return real_import(name, globals, locals, fromlist, level)
-
-    patched_builtins = dict(vars(builtins), __import__=shim_import)
-    modules = {}
-
-    def reconstruct(meta):
-        meta = dnnlib.EasyDict(meta)
-        if meta.get('type') != 'class':
-            raise DetectorError(f"unsupported persistent object type {meta.get('type')!r}")
-        src = meta.module_src
-        if src not in modules:
-            module = types.ModuleType('_detector_src_' + hashlib.sha1(src.encode()).hexdigest()[:16])
-            module.__dict__['__builtins__'] = patched_builtins
-            exec(compile(src, f'<{module.__name__}>', 'exec'), module.__dict__)  # noqa: S102 (opt-in, trusted file)
-            modules[src] = module
-        cls = modules[src].__dict__[meta.class_name]
-        obj = cls.__new__(cls)
-        state = dnnlib.EasyDict(meta.state) if isinstance(meta.state, dict) else meta.state
-        if callable(getattr(obj, '__setstate__', None)):
-            obj.__setstate__(state)
-        else:
-            obj.__dict__.update(state)
-        return obj
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
-                return reconstruct
-            return super().find_class(module, name)
-
-    return Unpickler(io.BytesIO(data)).load()
+    if found:
+        return _jit_load(found[0]), None
+    return None, 'it holds no TorchScript archive' + (f' and would call {", ".join(sorted(calls))}' if calls else '')
 
 
 def load_detector(path_or_url=INCEPTION_URL, device=None, allow_unsafe_pickle=False):
@@ -235,7 +135,7 @@ def load_detector(path_or_url=INCEPTION_URL, device=None, allow_unsafe_pickle=Fa
             if not allow_unsafe_pickle:
                 raise DetectorError(f'{name} cannot be loaded without running the code it contains ({reason}); '
                                     'if you trust the file, pass --allow_unsafe_pickle (allow_unsafe_pickle=True)')
-            net = _unsafe_unpickle(data)
+            net = checkpoints.unsafe_load(io.BytesIO(data), name)
     else:
         raise DetectorError(f'{name} is neither a TorchScript archive nor a pickle; pass the Inception detector '
                             f'({INCEPTION_URL}) with --detector=PATH')
