@@ -1,4 +1,4 @@
-"""End-to-end demo on the built-in digits dataset: build it, corrupt it, train an ambient model on it.
+"""End-to-end demo on the built-in digits dataset: build it, corrupt it, train an ambient model on it, sample.
 
     python demo.py --outdir=demo-out
 
@@ -11,10 +11,13 @@ import sys
 import time
 
 import click
+import numpy as np
+import PIL.Image
 import torch
 
+from torch_utils import checkpoints
 from training.dataset import ImageFolderDataset
-from torch_utils.images import save_image_grid
+from torch_utils.images import make_grid, save_image_grid, save_png
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,10 +58,31 @@ def _final_snapshot(run_dir):
     """The snapshot written at the end of training (kimg >= TRAIN_KIMG), or None."""
     if not os.path.isdir(run_dir):
         return None
-    snaps = [(float(f[len('network-snapshot-'):-3]), f) for f in os.listdir(run_dir)
-             if f.startswith('network-snapshot-') and f.endswith('.pt')]
-    done = [f for kimg, f in sorted(snaps) if kimg >= TRAIN_KIMG]
-    return os.path.join(run_dir, done[-1]) if done else None
+    done = [path for nimg, path in checkpoints.list_snapshots(run_dir) if nimg is not None and nimg >= TRAIN_KIMG * 1000]
+    return done[-1] if done else None
+
+
+def sample_model(snapshot, outdir, seeds='0-63'):
+    """64 samples with the fixed-mask ambient sampler (eval.py generate skips images already there)."""
+    cmd = [sys.executable, os.path.join(REPO, 'eval.py'), 'generate', f'--network={snapshot}', f'--outdir={outdir}',
+           f'--seeds={seeds}', '--batch=64']
+    print('Sampling:', ' '.join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+    tag = os.path.basename(snapshot)[len('network-snapshot-'):-len('.pt')]
+    return os.path.join(outdir, f'grid-{tag}.png')
+
+
+def draw_summary(data, samples_grid, dest, corruption, num=64):
+    """The corrupted training data (left) next to samples of the model trained on it (right)."""
+    dataset = ImageFolderDataset(data, **corruption)
+    observations = torch.stack([dataset[(i, 0)][0] for i in range(num)])
+    left = make_grid(observations, grid_w=8)
+    right = np.array(PIL.Image.open(samples_grid))
+    right = right[:, :, None] if right.ndim == 2 else right
+    gap = np.full((left.shape[0], 8, left.shape[2]), 255, dtype=np.uint8)
+    summary = np.concatenate([left, gap, right], axis=1).repeat(2, axis=0).repeat(2, axis=1)
+    save_png(summary, dest)
+    print(f'Corrupted training data (left) and samples (right): {dest}')
 
 
 def draw_corruption(data, dest, corruption, num=16):
@@ -88,9 +112,12 @@ def main(outdir, corruption_probability, delta_probability):
     draw_corruption(data, os.path.join(outdir, 'dataset-corruption.png'), corruption)
     start = time.time()
     run_dir = os.path.join(outdir, 'run')
-    train_model(data, run_dir, corruption)
+    snapshot = train_model(data, run_dir, corruption)
     print(f'Training run: {run_dir} ({time.time() - start:.0f} s): loss.png (loss curves), training-data.png '
           '(what the model saw), stats.jsonl, network snapshots')
+    samples_grid = sample_model(snapshot, os.path.join(outdir, 'samples'))
+    draw_summary(data, samples_grid, os.path.join(outdir, 'summary.png'), corruption)
+    print(f'Samples: {samples_grid}')
 
 
 if __name__ == '__main__':
