@@ -37,6 +37,7 @@ import inspect
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from torch_utils.ambient_diffusion import MaskCorruption
@@ -397,4 +398,127 @@ def generate_batch(net, seeds, corruption=None, class_labels=None, device=None, 
             sampler_kwargs['resample_masks'] = lambda i: sample_masks(corruption, shape, num_masks - 1,
                                                                       rnd.generators)
         images = ambient_sampler(net, latents, masks, labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    return images.clamp(-1, 1).to(torch.float32)
+
+#----------------------------------------------------------------------------
+# DPS for inverse problems (Chung et al. 2023, "Diffusion Posterior Sampling"; Daras et al. 2023, Sec. 5).
+
+DPS_NORMS = ('per_sample', 'batch')
+_MEASUREMENT_STREAM = 1     # spawn key that separates the measurement stream from the sampler's
+
+
+def measurement_generators(seeds, device=None):
+    """Per-seed CPU generators of the measurement operator's parameters (masks, kernels, Φ).
+
+    Seed s gets `torch.Generator().manual_seed(h)` with h = numpy's SeedSequence(s, spawn_key=(1,)) hash to
+    32 bits: a stream of its own, not the sampler's (`StackedRandomGenerator` seeds with s itself; torch's CPU
+    generator keeps only 32 bits of a seed, so an offset such as 2**32 + s would give the same stream). A
+    measurement depends on its seed alone, not on its batch, process or device. `device`: where the generators
+    live (default CPU, so that the parameters are the same on every device).
+    """
+    device = torch.device(device) if device is not None else torch.device('cpu')
+    return [torch.Generator(device).manual_seed(int(np.random.SeedSequence(int(s), spawn_key=(_MEASUREMENT_STREAM,))
+                                                    .generate_state(1)[0])) for s in seeds]
+
+
+def measure(operator, x0, seeds):
+    """(y, params) = (𝒜(x0), params) with params drawn from `measurement_generators(seeds)`, on x0's device."""
+    if x0.shape[0] != len(seeds):
+        raise ValueError(f'{len(seeds)} seeds for {x0.shape[0]} images; pass one seed per image')
+    params = operator.sample_params(x0.shape, measurement_generators(seeds), device=x0.device)
+    return operator.apply(x0, params), params
+
+
+def dps_term(operator, y, params, zeta, norm='per_sample'):
+    """DPS data-consistency term for `extra_guidance`: term(x, sigma, D0) -> loss.
+
+    norm='per_sample': ζ‖y_i − 𝒜(D0_i)‖ per sample, [N] (the samples do not interact).
+    norm='batch': ζ·√N·‖y − 𝒜(D0)‖_F over the whole batch, a scalar: the original's batch-global norm
+    (giannisdaras/ambient-diffusion `solve_inverse_problems.py`), which couples the samples. Its gradient for
+    sample i is ζ·√N·J_iᵀr_i/‖r‖_F; the factor √N makes it equal to the per-sample gradient ζ·J_iᵀr_i/‖r_i‖
+    when every residual has the same norm (‖r‖_F = √N‖r_i‖). The original's unscaled ζ_orig is therefore
+    ζ = ζ_orig/√N here.
+    The sampler subtracts the gradient from the denoised estimate, so x moves by ζ·(t̂ − t_{i+1})/t̂ times the
+    gradient per Heun stage (see the module docstring), where the original added ζ_orig times it to the
+    ODE step: to reproduce a step of the original, divide its ζ by that ratio as well. Norms are not squared.
+    """
+    if norm not in DPS_NORMS:
+        raise ValueError(f'norm={norm!r} is unknown; pass one of {", ".join(DPS_NORMS)}')
+    if isinstance(zeta, bool) or not isinstance(zeta, numbers.Real) or not 0 <= zeta < math.inf:
+        raise ValueError(f'zeta={zeta!r} is invalid; pass a DPS scale >= 0')
+
+    def term(x, sigma, D0):
+        residual = (y.to(D0.device, D0.dtype) - operator.apply(D0, params)).flatten(1)    # [N, m]
+        if residual.shape[0] != D0.shape[0]:
+            raise ValueError(f'the measurements hold {y.shape[0]} samples but the batch has {D0.shape[0]}')
+        if norm == 'per_sample':
+            return zeta * residual.norm(dim=1)                                           # [N]
+        return zeta * math.sqrt(residual.shape[0]) * residual.norm()
+
+    return term
+
+
+class _CleanAsAmbient(torch.nn.Module):
+    """A clean denoiser seen as an ambient one: input [M ⊙ x, M], mask channels dropped.
+
+    With all-ones masks it is exactly the clean network, so clean and ambient models share one guided
+    integration loop (`ambient_sampler`).
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.ambient = True
+        self.img_channels = 2 * net.img_channels
+        for name in ('img_resolution', 'label_dim', 'sigma_min', 'sigma_max'):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+
+    def round_sigma(self, sigma):
+        return _round_sigma(self.net)(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.net(x[:, :self.net.img_channels], sigma, class_labels)
+
+
+def solve_batch(net, operator, y, params, seeds, zeta, corruption=None, norm='per_sample', device=None,
+                num_masks=1, class_labels=None, **sampler_kwargs):
+    """DPS reconstructions [N, C, H, W] float32 in [−1, 1] of measurements y = 𝒜(x0) with parameters `params`.
+
+    The sampler's random stream is `generate_batch`'s (per seed: latents, class label, masks, churn), so with
+    ζ = 0 the result is the unconditional sample of the same seed. Ambient networks use `ambient_sampler` with
+    K = num_masks masks from `corruption` (the sampling masks, independent of the operator); clean networks run
+    in the same loop with an all-ones mask (`corruption` must be None). The DPS term (`dps_term`, ζ > 0) joins
+    any `extra_guidance` in sampler_kwargs. With norm='per_sample' a sample does not depend on its batch.
+    device=None: the network's device.
+    """
+    if isinstance(net, torch.nn.Module) and net.training:
+        raise ValueError('the network is in training mode (dropout active); call net.eval() before sampling')
+    device = torch.device(device) if device is not None else _net_device(net)
+    rnd = StackedRandomGenerator(device, seeds)
+    n = len(rnd.seeds)
+    if y.shape[0] != n:
+        raise ValueError(f'y holds {y.shape[0]} measurements for {n} seeds; pass one seed per measurement')
+    ambient = bool(getattr(net, 'ambient', False))
+    channels = net.img_channels // 2 if ambient else net.img_channels
+    shape = [n, channels, net.img_resolution, net.img_resolution]
+    latents = rnd.randn(shape, device=device)
+    labels = _class_labels(net, class_labels, rnd, n, device)
+    if ambient:
+        if corruption is None:
+            raise ValueError('an ambient network needs corruption=MaskCorruption(...) to draw its sampling masks')
+        masks = sample_masks(corruption, shape, num_masks, rnd.generators).to(device)
+    else:
+        if corruption is not None or num_masks != 1:
+            raise ValueError('corruption and num_masks apply to ambient networks only; leave them unset for a '
+                             'clean network')
+        net = _CleanAsAmbient(net)
+        masks = torch.ones([n, 1, *shape[1:]], device=device)
+    params = params.to(device) if isinstance(params, torch.Tensor) else params
+    guidance = list(sampler_kwargs.pop('extra_guidance', ()))
+    term = dps_term(operator, y.to(device), params, zeta, norm)                          # validates ζ and norm
+    if zeta > 0:  # ζ = 0 adds nothing; skipping it also skips the gradient's backward pass.
+        guidance.append(term)
+    images = ambient_sampler(net, latents, masks, labels, randn_like=rnd.randn_like, extra_guidance=guidance,
+                             **sampler_kwargs)
     return images.clamp(-1, 1).to(torch.float32)

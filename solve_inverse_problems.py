@@ -1,0 +1,285 @@
+"""Solve inverse problems with a trained model: DPS posterior sampling (Chung et al. 2023) as in Ambient
+Diffusion (Daras et al. 2023, Sec. 5), scored with PSNR and SSIM against the ground truth.
+
+    python solve_inverse_problems.py --network=runs/00000-... --latest --measurements_path=test.zip \
+        --outdir=out --corruption_pattern=averaging --downsampling_factor=4 --seeds=0-63
+    torchrun --standalone --nproc_per_node=8 solve_inverse_problems.py ...
+
+Image i of the run is dataset index i measured with the operator parameters of seed i and sampled with the
+latents of seed i, so results do not depend on batch size or process count. Per image it writes
+`{outdir}/{ref,measurement,reconstruction,baseline}/{seed:06d}.png` (measurement only when y is image-shaped,
+baseline = the operator's naive inverse), grids `{outdir}/grid-*.png`, and one line per image in
+`{outdir}/metrics.jsonl`. A run directory with several snapshots gets one such folder per snapshot,
+`{outdir}/{kimg}/`. Images whose reconstruction exists are skipped; the summary still counts them.
+
+Options that differ from the original: `--operator_corruption_probability` defaults to 0.4 for the masks (as
+the original) but 1 for averaging (every image downsampled); the motion blur intensity is `--intensity`
+(the original read it from --kernel_std and crashed at its default); `--norm` picks the DPS norm.
+"""
+
+import json
+import os
+import time
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+import dnnlib
+import eval as eval_cli
+from torch_utils import checkpoints
+from torch_utils import distributed as dist
+from torch_utils.ambient_diffusion import get_operator
+from torch_utils.images import save_image_grid, save_png, to_uint8
+from torch_utils.misc import parse_int_list
+from training import samplers
+from training.dataset import ImageFolderDataset
+from training.training_loop import kimg_tag
+
+KINDS = ('ref', 'measurement', 'reconstruction', 'baseline')
+
+# ---------------------------------------------------------------------------------------------
+# Image quality.
+
+
+def psnr(x, y):
+    """PSNR = 10·log10(1/MSE) per image of x, y [N, C, H, W] in [0, 1] (float64 [N]; inf where x = y)."""
+    mse = (x.double() - y.double()).square().flatten(1).mean(dim=1)
+    return 10 * torch.log10(1 / mse)
+
+
+def ssim(x, y, window_size=11, window_std=1.5, K1=0.01, K2=0.03):
+    """SSIM (Wang et al. 2004) per image of x, y [N, C, H, W] in [0, 1]: float64 [N].
+
+    Gaussian-weighted local statistics (window `window_size`, std `window_std`) over the valid region (no
+    padding), C1 = (K1·L)², C2 = (K2·L)² with L = 1, the SSIM map averaged over pixels and channels. Images
+    smaller than the window use a window of their smaller side (rounded down to odd).
+    """
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f'ssim needs two batches of the same shape [N, C, H, W], got {tuple(x.shape)} and {tuple(y.shape)}')
+    x, y = x.double(), y.double()
+    n, c, h, w = x.shape
+    size = min(window_size, h, w)
+    size -= 1 - size % 2
+    d = torch.arange(size, dtype=torch.float64, device=x.device) - size // 2
+    g = torch.exp(-d ** 2 / (2 * window_std ** 2))
+    g = g / g.sum()
+    window = torch.outer(g, g).expand(c, 1, size, size)                                  # depthwise [C, 1, k, k]
+
+    def local_mean(z):
+        return F.conv2d(z, window, groups=c)
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x ** 2
+    var_y = local_mean(y * y) - mu_y ** 2
+    cov = local_mean(x * y) - mu_x * mu_y
+    C1, C2 = K1 ** 2, K2 ** 2
+    s = ((2 * mu_x * mu_y + C1) * (2 * cov + C2)) / ((mu_x ** 2 + mu_y ** 2 + C1) * (var_x + var_y + C2))
+    return s.flatten(1).mean(dim=1)
+
+
+def _unit(images):
+    """[N, C, H, W] in [−1, 1] -> the saved uint8 images as float64 in [0, 1] (scores match the PNGs)."""
+    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).double() / 255
+
+# ---------------------------------------------------------------------------------------------
+# Solving.
+
+
+def _sampler_corruption(info, opts):
+    """The sampling masks of an ambient network: the snapshot's training corruption with the overrides."""
+    return eval_cli._corruption_for(info, dnnlib.EasyDict(corruption_pattern=None,
+        corruption_probability=opts.corruption_probability, delta_probability=opts.delta_probability,
+        mask_full_rgb=opts.mask_full_rgb, num_masks=opts.num_masks))
+
+
+def build_operator(opts):
+    p = opts.operator_corruption_probability
+    if p is None and opts.corruption_pattern in ('dust', 'box_masking'):
+        p = 0.4
+    return get_operator(opts.corruption_pattern, corruption_probability=p, mask_full_rgb=opts.operator_mask_full_rgb,
+        downsampling_factor=opts.downsampling_factor, blur_type=opts.blur_type, kernel_size=opts.kernel_size,
+        kernel_std=opts.kernel_std, num_measurements=opts.num_measurements, intensity=opts.intensity)
+
+
+def _load_refs(dataset, seeds, net, device):
+    """Ground truth x0 [N, C, H, W] in [−1, 1]: dataset index s for seed s."""
+    if min(seeds) < 0 or max(seeds) >= len(dataset):
+        raise ValueError(f'seeds {min(seeds)}..{max(seeds)} are dataset indices, but {dataset.name} holds '
+                         f'{len(dataset)} images; pass --seeds within 0-{len(dataset) - 1}')
+    channels = net.img_channels // 2 if getattr(net, 'ambient', False) else net.img_channels
+    shape = [channels, net.img_resolution, net.img_resolution]
+    if dataset.image_shape != shape:
+        raise ValueError(f'{dataset.name} holds images of shape {dataset.image_shape} but the network makes {shape}; '
+                         f'convert the measurements with dataset_tool.py')
+    return torch.stack([dataset[s][0] for s in seeds]).to(device)
+
+
+def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None):
+    """Reconstruct, save and score every seed not yet done (seeds split across processes); returns the count."""
+    device = torch.device(device) if device is not None else dist.device()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    corruption = _sampler_corruption(info, opts)
+    sampler_kwargs = dict(num_steps=opts.steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
+        S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise, solver=opts.solver,
+        guidance_scale=opts.guidance_scale, clipping=opts.clipping)
+    if info.ambient:
+        sampler_kwargs.update(corruption=corruption, num_masks=opts.num_masks)
+    todo = [s for s in seeds if not os.path.isfile(eval_cli.image_path(os.path.join(outdir, 'reconstruction'), s))]
+    num_batches = max((len(todo) - 1) // (opts.batch * world_size) + 1, 1) * world_size
+    rank_batches = np.array_split(np.array(todo, dtype=np.int64), num_batches)[rank::world_size]
+    dist.print0(f'Solving {len(todo)} of {len(seeds)} images to "{outdir}" ({len(seeds) - len(todo)} already there)...')
+    count = 0
+    for batch_seeds in rank_batches:
+        batch_seeds = batch_seeds.tolist()
+        if not batch_seeds:
+            continue
+        x0 = _load_refs(dataset, batch_seeds, net, device)
+        y, params = samplers.measure(operator, x0, batch_seeds)
+        start = time.time()
+        x_hat = samplers.solve_batch(net, operator, y, params, batch_seeds, opts.dps_scale, norm=opts.norm,
+                                     device=device, **sampler_kwargs)
+        seconds = (time.time() - start) / len(batch_seeds)
+        baseline = operator.naive_inverse(y, params).clamp(-1, 1)
+        images = dict(ref=x0, reconstruction=x_hat, baseline=baseline)
+        if operator.measurement_is_image:
+            images['measurement'] = y.clamp(-1, 1)
+        ref = _unit(x0)
+        scores = {kind: (psnr(_unit(images[kind]), ref), ssim(_unit(images[kind]), ref))
+                  for kind in ('reconstruction', 'baseline')}
+        lines = [json.dumps(dict(seed=seed, psnr=float(scores['reconstruction'][0][i]),
+                                 ssim=float(scores['reconstruction'][1][i]), baseline_psnr=float(scores['baseline'][0][i]),
+                                 baseline_ssim=float(scores['baseline'][1][i]), seconds=seconds)) + '\n'
+                 for i, seed in enumerate(batch_seeds)]
+        # The reconstruction is written last: its presence means the image and its metrics line are complete.
+        for kind in ('ref', 'measurement', 'baseline'):
+            if kind in images:
+                for seed, image in zip(batch_seeds, to_uint8(images[kind])):
+                    save_png(image, _path(outdir, kind, seed))
+        with open(os.path.join(outdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+            f.write(''.join(lines))
+        for seed, image in zip(batch_seeds, to_uint8(x_hat)):
+            save_png(image, _path(outdir, 'reconstruction', seed))
+        count += len(batch_seeds)
+        dist.print0(f'seeds {batch_seeds[0]}..{batch_seeds[-1]}: {seconds:.2f} s/image')
+    dist.barrier()
+    return count
+
+
+def _path(outdir, kind, seed):
+    path = eval_cli.image_path(os.path.join(outdir, kind), seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def save_grids(outdir, seeds):
+    """`{outdir}/grid-{kind}.png`: the first 64 seeds of each kind, 8 per row."""
+    for kind in KINDS:
+        paths = [eval_cli.image_path(os.path.join(outdir, kind), s) for s in seeds[:64]]
+        paths = [p for p in paths if os.path.isfile(p)]
+        if paths:
+            grid = np.stack([np.array(PIL.Image.open(p)) for p in paths])
+            grid = grid[..., None] if grid.ndim == 3 else grid
+            save_image_grid(torch.from_numpy(grid).permute(0, 3, 1, 2), os.path.join(outdir, f'grid-{kind}.png'), grid_w=8)
+
+
+def summarize(outdir, seeds):
+    """Mean scores over the requested seeds from `{outdir}/metrics.jsonl` (the last line of each seed)."""
+    rows = {}
+    metrics_path = os.path.join(outdir, 'metrics.jsonl')
+    if os.path.isfile(metrics_path):
+        with open(metrics_path, encoding='utf-8') as f:
+            for line in f:
+                row = json.loads(line)
+                rows[row['seed']] = row
+    rows = [rows[s] for s in seeds if s in rows]
+    keys = ('psnr', 'ssim', 'baseline_psnr', 'baseline_ssim', 'seconds')
+    summary = {k: float(np.mean([r[k] for r in rows])) if rows else float('nan') for k in keys}
+    summary['num_images'] = len(rows)
+    return summary
+
+
+def _print_summary(summary, outdir):
+    dist.print0(f'\nSummary of {summary["num_images"]} images in {outdir}')
+    dist.print0(f'{"method":<10} {"PSNR (dB)":>10} {"SSIM":>8}')
+    dist.print0(f'{"DPS":<10} {summary["psnr"]:>10.3f} {summary["ssim"]:>8.4f}')
+    dist.print0(f'{"baseline":<10} {summary["baseline_psnr"]:>10.3f} {summary["baseline_ssim"]:>8.4f}')
+    dist.print0(f'seconds per image: {summary["seconds"]:.3f}')
+
+
+def solve(opts):
+    """Run every requested snapshot; returns {snapshot path: summary}."""
+    operator = build_operator(opts)
+    dataset = ImageFolderDataset(opts.measurements_path, mode='clean')
+    paths = checkpoints.resolve_networks(opts.network, latest=opts.latest)
+    summaries = {}
+    for path in paths:
+        net, info = checkpoints.load_network(path, device=dist.device(), training_options=opts.training_options,
+                                             allow_unsafe_pickle=opts.allow_unsafe_pickle)
+        tag = kimg_tag(info.nimg) if info.nimg is not None else os.path.splitext(os.path.basename(path))[0]
+        outdir = opts.outdir if len(paths) == 1 else os.path.join(opts.outdir, tag)
+        os.makedirs(outdir, exist_ok=True)
+        dist.print0(f'Network {path} ({info.format}, kimg {info.kimg}); operator {operator}')
+        solve_images(net, info, operator, dataset, opts.seeds, outdir, opts)
+        if dist.get_rank() == 0:
+            save_grids(outdir, opts.seeds)
+            summaries[path] = summarize(outdir, opts.seeds)
+            _print_summary(summaries[path], outdir)
+    return summaries
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+@click.command()
+@click.option('--network',            help='Snapshot (.pt of ours, .pkl of the original) or run directory', metavar='PATH|DIR', type=str, required=True)
+@click.option('--latest',             help='Only the newest snapshot of a run directory', is_flag=True)
+@click.option('--training_options',   help='training_options.json of an original .pkl  [default: next to it]', metavar='JSON', type=str)
+@click.option('--allow_unsafe_pickle', help='Let a network pickle run the code it embeds (trusted files only)', is_flag=True)
+@click.option('--outdir',             help='Where to save the results', metavar='DIR', type=str, required=True)
+@click.option('--measurements_path',  help='Ground-truth images (folder or zip made by dataset_tool.py)', metavar='DIR|ZIP', type=str, required=True)
+@click.option('--seeds',              help='Images i (dataset index i, seed i), e.g. 0-15', metavar='LIST', type=parse_int_list, default='0-15', show_default=True)
+@click.option('--batch',              help='Images per batch and process', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--corruption_pattern', help='Measurement operator', type=click.Choice(['dust', 'box_masking', 'averaging', 'blurring', 'compressed_sensing']), default='averaging', show_default=True)
+@click.option('--operator_corruption_probability', help='p of the operator  [default: 0.4 for dust/box_masking, 1 for averaging]', metavar='FLOAT', type=click.FloatRange(0, 1))
+@click.option('--operator_mask_full_rgb', help='Dust operator: share a pixel\'s mask over channels', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--downsampling_factor', help='Averaging: downsampling factor', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--blur_type',          help='Blurring: kernel type', type=click.Choice(['gaussian', 'motion']), default='gaussian', show_default=True)
+@click.option('--kernel_size',        help='Blurring: kernel size (odd)', metavar='INT', type=click.IntRange(min=1), default=9, show_default=True)
+@click.option('--kernel_std',         help='Gaussian blur: std in pixels', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True)
+@click.option('--intensity',          help='Motion blur: intensity', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option('--num_measurements',   help='Compressed sensing: measurements m', metavar='INT', type=click.IntRange(min=2), default=32, show_default=True)
+@click.option('--dps_scale',          help='DPS weight ζ', metavar='FLOAT', type=click.FloatRange(min=0), default=5.0, show_default=True)
+@click.option('--norm',               help='DPS residual norm (batch = the original\'s, couples samples)', type=click.Choice(list(samplers.DPS_NORMS)), default='per_sample', show_default=True)
+@click.option('--corruption_probability', help='p of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
+@click.option('--delta_probability',  help='δ of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
+@click.option('--mask_full_rgb',      help='Share dust sampling masks over channels  [default: the training one]', metavar='BOOL', type=bool)
+@click.option('--steps',              help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--sigma_min',          help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+@click.option('--sigma_max',          help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
+@click.option('--rho',                help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min',     help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max',     help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
+@click.option('--solver',             help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True)
+@click.option('--clipping',           help='Clipping of the denoised image', type=click.Choice(['none', 'static', 'dynamic']), default='static', show_default=True)
+@click.option('--num_masks',          help='Sampling masks per sample (K; >1 adds reconstruction guidance)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--guidance_scale',     help='Reconstruction guidance weight w', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
+def main(dry_run, **kwargs):
+    """Solve inverse problems (inpainting, super-resolution, deblurring, compressed sensing) with DPS."""
+    opts = dnnlib.EasyDict(kwargs)
+    if dry_run:
+        click.echo(json.dumps(opts, indent=2))
+        return
+    dist.init()
+    with eval_cli._one_line_errors():
+        solve(opts)
+    dist.print0('Done.')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,247 @@
+"""Tests for DPS (training/samplers.py: dps_term, measure, solve_batch) and solve_inverse_problems.py."""
+
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import solve_inverse_problems as solve_cli
+import train
+from conftest import random_images, write_edm_dataset
+from test_eval import TINY
+from test_samplers import GaussianNet
+from torch_utils.ambient_diffusion import MaskCorruption, get_operator
+from torch_utils.misc import StackedRandomGenerator
+from training import samplers
+
+# ----------------------------------------------------------------------------
+# PSNR and SSIM.
+
+
+def _ssim_reference(x, y):
+    """Independent float64 SSIM: explicit 11x11 Gaussian windows (σ = 1.5) over every valid position."""
+    d = np.arange(11) - 5
+    g = np.exp(-d ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    C1, C2 = 0.01 ** 2, 0.03 ** 2
+    out = []
+    for a, b in zip(x, y):
+        values = []
+        for ca, cb in zip(a, b):
+            for i in range(ca.shape[0] - 10):
+                for j in range(ca.shape[1] - 10):
+                    pa, pb = ca[i:i + 11, j:j + 11], cb[i:i + 11, j:j + 11]
+                    ma, mb = (w * pa).sum(), (w * pb).sum()
+                    va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+                    cov = (w * (pa - ma) * (pb - mb)).sum()
+                    values.append((2 * ma * mb + C1) * (2 * cov + C2) / ((ma ** 2 + mb ** 2 + C1) * (va + vb + C2)))
+        out.append(np.mean(values))
+    return np.array(out)
+
+
+def test_psnr_closed_form():
+    x = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.8
+    assert torch.allclose(solve_cli.psnr(x + 0.1, x), torch.full([3], 20.0, dtype=torch.float64))  # MSE 0.01
+    assert torch.allclose(solve_cli.psnr(x + 0.01, x), torch.full([3], 40.0, dtype=torch.float64))
+    assert torch.isinf(solve_cli.psnr(x, x)).all()
+
+
+def test_ssim_matches_independent_reference():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 13, 14, generator=g, dtype=torch.float64)
+    y = (x + 0.2 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    ours = solve_cli.ssim(x, y).numpy()
+    np.testing.assert_allclose(ours, _ssim_reference(x.numpy(), y.numpy()), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(solve_cli.ssim(x, x), torch.ones(2, dtype=torch.float64))
+    assert (ours < 0.99).all()
+    assert solve_cli.ssim(x[:, :, :6, :6], y[:, :, :6, :6]).shape == (2,)  # smaller than the window
+
+# ----------------------------------------------------------------------------
+# DPS with an exact Gaussian-prior denoiser.
+
+RES = 16
+
+
+def _truth(n=2, seed=0):
+    images = random_images(n, channels=1, resolution=RES, seed=seed)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).double() / 127.5 - 1                  # [N, 1, H, W]
+
+
+def _prior_net(x0, offset=0.15, s=0.2, seed=3):
+    """Ambient exact denoiser for a per-pixel prior N(μ, s²) centred near the truth (μ = x0[0] + noise)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = x0[:1] + offset * torch.randn(x0[:1].shape, generator=g, dtype=torch.float64)
+    return GaussianNet(mu, s, channels=1, resolution=RES, ambient=True).eval()
+
+
+SAMPLER = dict(corruption=MaskCorruption('dust', 0.0), num_steps=18, clipping='static')
+
+
+@pytest.mark.parametrize('name, kwargs, zeta', [('dust', dict(corruption_probability=0.5), 0.5),
+                                                 ('averaging', dict(downsampling_factor=4), 0.5)])
+def test_dps_is_measurement_consistent_and_beats_the_baseline(name, kwargs, zeta):
+    x0 = _truth(1)
+    net = _prior_net(x0)
+    operator = get_operator(name, **kwargs)
+    y, params = samplers.measure(operator, x0, [7])
+
+    def error(x):
+        return (operator.apply(x.double(), params) - y).flatten(1).norm(dim=1)
+
+    plain = samplers.solve_batch(net, operator, y, params, [7], 0.0, **SAMPLER)
+    dps = samplers.solve_batch(net, operator, y, params, [7], zeta, **SAMPLER)
+    baseline = operator.naive_inverse(y, params)
+    assert (error(dps) < 0.5 * error(plain)).all(), (error(dps), error(plain))
+    psnr = lambda x: solve_cli.psnr((x.double() + 1) / 2, (x0 + 1) / 2)
+    assert (psnr(dps) > psnr(baseline) + 1).all(), (psnr(dps), psnr(baseline))
+    assert (psnr(dps) > psnr(plain)).all()
+
+
+def test_zero_scale_is_the_unconditional_sample():
+    x0 = _truth(3)
+    net = _prior_net(x0)
+    operator = get_operator('dust', corruption_probability=0.3)
+    y, params = samplers.measure(operator, x0, [0, 1, 2])
+    kwargs = dict(num_steps=4, S_churn=3.0)
+    solved = samplers.solve_batch(net, operator, y, params, [0, 1, 2], 0.0, corruption=MaskCorruption('dust', 0.2), **kwargs)
+    sampled = samplers.generate_batch(net, [0, 1, 2], corruption=MaskCorruption('dust', 0.2), **kwargs)
+    assert torch.equal(solved, sampled)
+
+
+def test_clean_network_runs_in_the_same_loop():
+    x0 = _truth(2)
+    clean = GaussianNet(x0[:1] * 0.9, 0.3, channels=1, resolution=RES, ambient=False).eval()
+    operator = get_operator('averaging', downsampling_factor=4)
+    y, params = samplers.measure(operator, x0, [4, 5])
+    solved = samplers.solve_batch(clean, operator, y, params, [4, 5], 0.0, num_steps=5)
+    torch.testing.assert_close(solved, samplers.generate_batch(clean, [4, 5], num_steps=5), rtol=0, atol=1e-6)
+    guided = samplers.solve_batch(clean, operator, y, params, [4, 5], 2.0, num_steps=5)
+    assert not torch.equal(guided, solved)
+    with pytest.raises(ValueError, match='ambient networks only'):
+        samplers.solve_batch(clean, operator, y, params, [4, 5], 1.0, corruption=MaskCorruption('dust', 0.2))
+
+
+def test_measurements_depend_on_the_seed_alone():
+    x0 = _truth(4)
+    for name in ('dust', 'box_masking', 'compressed_sensing'):
+        operator = get_operator(name, corruption_probability=0.4)
+        y, params = samplers.measure(operator, x0, [10, 11, 12, 13])
+        y2, params2 = samplers.measure(operator, x0[2:], [12, 13])
+        assert torch.equal(params[2:], params2) and torch.equal(y[2:], y2)
+        assert not torch.equal(params[0], params[1])
+    motion = get_operator('blurring', blur_type='motion', kernel_size=5, intensity=0.5)
+    a, b = (samplers.measure(motion, x0[:2], s)[1] for s in ([0, 1], [0, 2]))
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    # The measurement stream is not the sampler's latent stream.
+    latent = StackedRandomGenerator('cpu', [5]).randn([1, 8])
+    assert not torch.equal(torch.randn([1, 8], generator=samplers.measurement_generators([5])[0]), latent)
+
+
+def test_reconstructions_do_not_depend_on_the_batch():
+    seeds = [3, 4, 5, 6]
+    x0 = _truth(4)
+    net = _prior_net(x0)
+    operator = get_operator('dust', corruption_probability=0.5)
+    y, params = samplers.measure(operator, x0, seeds)
+    kwargs = dict(corruption=MaskCorruption('dust', 0.3), num_steps=5, S_churn=2.0)
+    whole = samplers.solve_batch(net, operator, y, params, seeds, 1.5, **kwargs)
+    parts = [samplers.solve_batch(net, operator, *samplers.measure(operator, x0[i:j], seeds[i:j]), seeds[i:j], 1.5, **kwargs)
+             for i, j in ((0, 1), (1, 4))]
+    assert torch.equal(whole, torch.cat(parts))
+
+
+def test_dps_term_norms():
+    g = torch.Generator().manual_seed(2)
+    operator = get_operator('compressed_sensing', num_measurements=5)
+    x = torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64)
+    params = operator.sample_params(x.shape, g).double()
+    y = operator.apply(torch.randn(x.shape, generator=g, dtype=torch.float64), params)
+    r = (y - operator.apply(x, params)).norm()
+    per = samplers.dps_term(operator, y, params, 3.0)(None, None, x)
+    assert per.shape == (1,) and torch.allclose(per, 3 * r)
+    # Two equal samples: the batch norm is ζ·√2·√2·‖r‖ and its per-sample gradient equals the per-sample norm's.
+    x2 = x.repeat(2, 1, 1, 1).requires_grad_(True)
+    y2, params2 = y.repeat(2, 1), params.repeat(2, 1, 1, 1, 1)
+    batch = samplers.dps_term(operator, y2, params2, 3.0, norm='batch')(None, None, x2)
+    assert batch.ndim == 0 and torch.allclose(batch, 3 * 2 * r)
+    grad_batch = torch.autograd.grad(batch, x2)[0]
+    grad_per = torch.autograd.grad(samplers.dps_term(operator, y2, params2, 3.0)(None, None, x2).sum(), x2)[0]
+    torch.testing.assert_close(grad_batch, grad_per)
+    with pytest.raises(ValueError, match='norm'):
+        samplers.dps_term(operator, y, params, 1.0, norm='global')
+    with pytest.raises(ValueError, match='zeta'):
+        samplers.dps_term(operator, y, params, -1.0)
+
+# ----------------------------------------------------------------------------
+# The command.
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('dps')
+    data = write_edm_dataset(root / 'data.zip', random_images(8, channels=3, resolution=16, seed=4))
+    CliRunner().invoke(train.main, [str(a) for a in ['--outdir', root / 'run', '--data', data,
+                                                     '--corruption_probability=0.5', *TINY]], catch_exceptions=False)
+    return root / 'run', data
+
+
+def _solve(run_dir, data, outdir, *args):
+    args = ['--network', run_dir, '--latest', '--measurements_path', data, '--outdir', outdir, '--seeds=0-1',
+            '--batch=2', '--steps=2', *args]
+    result = CliRunner().invoke(solve_cli.main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+OPERATORS = [['--corruption_pattern=dust'], ['--corruption_pattern=box_masking'],
+             ['--corruption_pattern=averaging', '--downsampling_factor=4'],
+             ['--corruption_pattern=blurring', '--blur_type=gaussian'],
+             ['--corruption_pattern=blurring', '--blur_type=motion', '--kernel_size=7'],
+             ['--corruption_pattern=compressed_sensing', '--num_measurements=16', '--norm=batch']]
+
+
+@pytest.mark.parametrize('args', OPERATORS, ids=lambda a: a[0].split('=')[1] + a[1].split('=')[1] if len(a) > 1 else a[0])
+def test_cli_every_operator(setup, tmp_path, args):
+    run_dir, data = setup
+    out = tmp_path / 'out'
+    result = _solve(run_dir, data, out, *args)
+    assert 'Solving 2 of 2 images' in result.output and 'seconds per image' in result.output
+    kinds = ['ref', 'reconstruction', 'baseline'] + (['measurement'] if 'compressed_sensing' not in args[0] else [])
+    for kind in kinds:
+        assert sorted(os.listdir(out / kind)) == ['000000.png', '000001.png']
+        assert np.array(PIL.Image.open(out / kind / '000001.png')).shape == (16, 16, 3)
+        assert np.array(PIL.Image.open(out / f'grid-{kind}.png')).shape == (16, 16 * 8, 3)  # one row of the 8-wide grid
+    assert ('compressed_sensing' in args[0]) == (not os.path.exists(out / 'measurement'))
+    rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
+    assert [r['seed'] for r in rows] == [0, 1]
+    ref = np.array(PIL.Image.open(out / 'ref' / '000001.png')).astype(np.float64) / 255
+    rec = np.array(PIL.Image.open(out / 'reconstruction' / '000001.png')).astype(np.float64) / 255
+    assert rows[1]['psnr'] == pytest.approx(10 * np.log10(1 / np.mean((ref - rec) ** 2)))
+    truth = random_images(8, channels=3, resolution=16, seed=4)[1]
+    assert np.array_equal(np.array(PIL.Image.open(out / 'ref' / '000001.png')), truth)
+
+
+def test_cli_rerun_skips_existing(setup, tmp_path):
+    run_dir, data = setup
+    out = tmp_path / 'out'
+    _solve(run_dir, data, out, '--corruption_pattern=dust')
+    stamps = {p: os.path.getmtime(out / 'reconstruction' / p) for p in os.listdir(out / 'reconstruction')}
+    result = _solve(run_dir, data, out, '--corruption_pattern=dust', '--seeds=0-2')
+    assert 'Solving 1 of 3 images' in result.output and 'Summary of 3 images' in result.output
+    for p, t in stamps.items():
+        assert os.path.getmtime(out / 'reconstruction' / p) == t
+    assert [json.loads(line)['seed'] for line in open(out / 'metrics.jsonl')] == [0, 1, 2]
+
+
+def test_cli_errors(setup, tmp_path):
+    run_dir, data = setup
+    args = ['--network', run_dir, '--latest', '--measurements_path', data, '--outdir', tmp_path]
+    result = CliRunner().invoke(solve_cli.main, [str(a) for a in args + ['--seeds=0-20']])
+    assert result.exit_code != 0 and 'holds 8 images' in result.output
+    result = CliRunner().invoke(solve_cli.main, [str(a) for a in args + ['--corruption_pattern=averaging',
+                                                                          '--downsampling_factor=3']])
+    assert result.exit_code != 0 and 'downsampling_factor=3' in result.output
