@@ -62,6 +62,23 @@ score_options = _options(
 )
 
 
+# The sampler's options, shared by eval.py generate and solve_inverse_problems.py.
+sampler_options = _options(
+    click.option('--steps',            help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True),
+    click.option('--sigma_min',        help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True),
+    click.option('--sigma_max',        help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True),
+    click.option('--rho',              help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True),
+    click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+    click.option('--S_min', 'S_min',   help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+    click.option('--S_max', 'S_max',   help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True),
+    click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True),
+    click.option('--solver',           help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True),
+    click.option('--num_masks',        help='Masks per sample (K; >1 adds reconstruction guidance)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True),
+    click.option('--guidance_scale',   help='Reconstruction guidance weight w', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+    click.option('--clipping',         help='Clipping of the denoised image', type=click.Choice(['none', 'static', 'dynamic']), default='static', show_default=True),
+)
+
+
 @contextlib.contextmanager
 def _one_line_errors():
     """Library errors (bad paths, missing files, too few images) as click's one-line `Error: ...`."""
@@ -254,19 +271,8 @@ def ref(dry_run, **kwargs):
 @click.option('--seeds',            help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=parse_int_list, default='0-63', show_default=True)
 @click.option('--subdirs',          help='Put images in subdirectories of 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
-@click.option('--steps',            help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
-@click.option('--sigma_min',        help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
-@click.option('--sigma_max',        help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
-@click.option('--rho',              help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_min', 'S_min',   help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_max', 'S_max',   help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
-@click.option('--solver',           help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True)
-@click.option('--num_masks',        help='Masks per sample (K; >1 adds reconstruction guidance)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
-@click.option('--guidance_scale',   help='Reconstruction guidance weight w', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@sampler_options
 @click.option('--resample_guidance_masks', help='Draw new guidance masks at every step', is_flag=True)
-@click.option('--clipping',         help='Clipping of the denoised image', type=click.Choice(['none', 'static', 'dynamic']), default='static', show_default=True)
 @click.option('--corruption_pattern', help='Sampling mask pattern  [default: the training one]', type=click.Choice(['dust', 'box', 'fixed_box', 'keep_patch']))
 @click.option('--corruption_probability', help='p of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
 @click.option('--delta_probability', help='δ of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))

@@ -256,18 +256,7 @@ def solve(opts):
 @click.option('--corruption_probability', help='p of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
 @click.option('--delta_probability',  help='δ of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
 @click.option('--mask_full_rgb',      help='Share dust sampling masks over channels  [default: the training one]', metavar='BOOL', type=bool)
-@click.option('--steps',              help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
-@click.option('--sigma_min',          help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
-@click.option('--sigma_max',          help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
-@click.option('--rho',                help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_min', 'S_min',     help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_max', 'S_max',     help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
-@click.option('--solver',             help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True)
-@click.option('--clipping',           help='Clipping of the denoised image', type=click.Choice(['none', 'static', 'dynamic']), default='static', show_default=True)
-@click.option('--num_masks',          help='Sampling masks per sample (K; >1 adds reconstruction guidance)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
-@click.option('--guidance_scale',     help='Reconstruction guidance weight w', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@eval_cli.sampler_options
 @click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
 def main(dry_run, **kwargs):
     """Solve inverse problems (inpainting, super-resolution, deblurring, compressed sensing) with DPS."""
