@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN_BATCH = 32
 TRAIN_KIMG = 5
 TRAIN_ARGS = ['--arch=ddpmpp', '--cbase=32', '--cres=1,2,2', '--num_blocks=2', '--attn=8', '--dropout=0', '--augment=0',
-              '--lr=2e-3', '--lr_rampup=1', '--ema=0.002', '--seed=0']
+              '--lr=2e-3', '--lr_rampup=1', '--ema=0.002', '--max_grad_norm=1', '--seed=0']
 
 
 def build_dataset(dest):

@@ -245,3 +245,29 @@ def test_cli_errors(setup, tmp_path):
     result = CliRunner().invoke(solve_cli.main, [str(a) for a in args + ['--corruption_pattern=averaging',
                                                                           '--downsampling_factor=3']])
     assert result.exit_code != 0 and 'downsampling_factor=3' in result.output
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_reconstructions(setup, tmp_path):
+    """torchrun with 2 processes writes the same reconstructions and metrics as one process."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    run_dir, data = setup
+    args = ['solve_inverse_problems.py', '--network', str(run_dir), '--latest', '--measurements_path', str(data),
+            '--seeds=0-4', '--batch=2', '--steps=2', '--dps_scale=1', '--corruption_pattern=dust']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    subprocess.run([sys.executable] + args + ['--outdir', str(tmp_path / 'one')], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] + args +
+                   ['--outdir', str(tmp_path / 'two')], cwd=REPO, env=env, check=True, capture_output=True)
+    rows = {}
+    for name in ('one', 'two'):
+        lines = [json.loads(line) for line in open(tmp_path / name / 'metrics.jsonl')]
+        rows[name] = {r['seed']: r['psnr'] for r in lines}
+    assert sorted(rows['one']) == sorted(rows['two']) == [0, 1, 2, 3, 4]
+    for seed in range(5):
+        assert rows['one'][seed] == pytest.approx(rows['two'][seed], abs=1e-6)
+        a = np.array(PIL.Image.open(tmp_path / 'one' / 'reconstruction' / f'{seed:06d}.png'))
+        b = np.array(PIL.Image.open(tmp_path / 'two' / 'reconstruction' / f'{seed:06d}.png'))
+        assert np.array_equal(a, b)
