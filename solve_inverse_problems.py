@@ -31,7 +31,7 @@ import dnnlib
 import eval as eval_cli
 from torch_utils import checkpoints
 from torch_utils import distributed as dist
-from torch_utils.ambient_diffusion import get_operator
+from torch_utils.ambient_diffusion import gaussian_kernel, get_operator
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
 from training import samplers
@@ -63,10 +63,7 @@ def ssim(x, y, window_size=11, window_std=1.5, K1=0.01, K2=0.03):
     n, c, h, w = x.shape
     size = min(window_size, h, w)
     size -= 1 - size % 2
-    d = torch.arange(size, dtype=torch.float64, device=x.device) - size // 2
-    g = torch.exp(-d ** 2 / (2 * window_std ** 2))
-    g = g / g.sum()
-    window = torch.outer(g, g).expand(c, 1, size, size)                                  # depthwise [C, 1, k, k]
+    window = gaussian_kernel(size, window_std, dtype=torch.float64).to(x.device).expand(c, 1, size, size)  # [C, 1, k, k]
 
     def local_mean(z):
         return F.conv2d(z, window, groups=c)

@@ -471,8 +471,8 @@ class _Blur(ForwardOperator):
         return y
 
 
-def gaussian_kernel(kernel_size, kernel_std):
-    """Normalised 2-D Gaussian exp(-d²/2σ²) over a k x k window (float32 [k, k]).
+def gaussian_kernel(kernel_size, kernel_std, dtype=torch.float32):
+    """Normalised 2-D Gaussian exp(-d²/2σ²) over a k x k window ([k, k], computed in float64, returned as `dtype`).
 
     Equals scipy.ndimage.gaussian_filter of a centred delta when its radius int(4σ + 0.5) equals k // 2.
     """
@@ -482,7 +482,7 @@ def gaussian_kernel(kernel_size, kernel_std):
     d = torch.arange(k, dtype=torch.float64) - k // 2
     g = torch.exp(-d ** 2 / (2 * float(kernel_std) ** 2))
     g = g / g.sum()
-    return torch.outer(g, g).float()
+    return torch.outer(g, g).to(dtype)
 
 
 class GaussianBlur(_Blur):
