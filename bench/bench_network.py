@@ -15,7 +15,6 @@ forward+backward in train mode with a weighted MSE loss and no optimizer step.
 """
 
 import contextlib
-import multiprocessing
 import os
 import resource
 import statistics
@@ -26,6 +25,7 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.isolated import run_isolated  # noqa: E402
 from training import networks  # noqa: E402
 
 CONFIGS = {
@@ -165,21 +165,6 @@ def measure(config, variant, device, batch, iters, warmup, threads, channels_las
                 peak_mb=peak / 2 ** 20, delta_mb=(peak - base) / 2 ** 20)
 
 
-def _child(queue, kwargs):
-    try:
-        queue.put(measure(**kwargs))
-    except Exception as error:  # reported by the parent, which keeps going with the other measurements
-        queue.put(dict(error=f'{type(error).__name__}: {error}', config=kwargs['config'], variant=kwargs['variant']))
-
-
-def run_isolated(**kwargs):
-    ctx = multiprocessing.get_context('spawn')
-    queue = ctx.Queue()
-    process = ctx.Process(target=_child, args=(queue, kwargs))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
 
 
 # ----------------------------------------------------------------------------
@@ -219,7 +204,7 @@ def main(configs, variants, device, batch, iters, warmup, threads, channels_last
     rows = []
     for config in configs:
         for variant in variants:
-            rows.append(run_isolated(config=config, variant=variant, device=device, batch=batch, iters=iters,
+            rows.append(run_isolated(measure, config=config, variant=variant, device=device, batch=batch, iters=iters,
                                      warmup=warmup, threads=threads, channels_last=channels_last, use_fp16=fp16,
                                      profile=profile))
     print()

@@ -12,7 +12,6 @@ Data are random images with dust masks (p = 0.6, δ = 0.1), so the step cost exc
 Each config runs in a fresh process; peak memory is that process's peak RSS (CPU) or peak allocated memory (CUDA).
 """
 
-import multiprocessing
 import os
 import resource
 import statistics
@@ -24,6 +23,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench.isolated import run_isolated  # noqa: E402
 
 # (train.py arguments, channels, batch)
 CONFIGS = {
@@ -91,21 +91,6 @@ def measure(name, device, steps, warmup, threads, fp16):
                 sec_step=statistics.median(times), peak_gib=peak / 2**30)
 
 
-def _child(queue, kwargs):
-    try:
-        queue.put(measure(**kwargs))
-    except Exception as e:  # Report, do not hang the parent.
-        queue.put(dict(config=kwargs['name'], error=f'{type(e).__name__}: {e}'))
-
-
-def run_isolated(**kwargs):
-    ctx = multiprocessing.get_context('spawn')
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, kwargs))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
 
 
 @click.command()
@@ -124,7 +109,7 @@ def main(configs, device, steps, warmup, threads, fp16):
     print(f'device={device} threads={threads} steps={steps} warmup={warmup} fp16={fp16}')
     print(f'{"config":<10} {"params":>10} {"batch":>5} {"img/s":>8} {"s/step":>8} {"peak GiB":>9}')
     for name in names:
-        r = run_isolated(name=name, device=device, steps=steps, warmup=warmup, threads=threads, fp16=fp16)
+        r = run_isolated(measure, name=name, device=device, steps=steps, warmup=warmup, threads=threads, fp16=fp16)
         if 'error' in r:
             print(f'{name:<10} error: {r["error"]}')
             continue
