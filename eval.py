@@ -79,8 +79,16 @@ sampler_options = _options(
 )
 
 
+# Overrides of the sampler's masks (default: the snapshot's training corruption); shared with solve_inverse_problems.py.
+sampling_mask_options = _options(
+    click.option('--corruption_probability', help='p of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True)),
+    click.option('--delta_probability', help='δ of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True)),
+    click.option('--mask_full_rgb',     help='Share dust sampling masks over channels  [default: the training one]', metavar='BOOL', type=bool),
+)
+
+
 @contextlib.contextmanager
-def _one_line_errors():
+def one_line_errors():
     """Library errors (bad paths, missing files, too few images) as click's one-line `Error: ...`."""
     try:
         yield
@@ -174,7 +182,7 @@ def generate_images(net, info, seeds, outdir, batch=64, subdirs=False, class_idx
     return count
 
 
-def _corruption_for(info, opts):
+def sampling_corruption(info, opts):
     """The sampling corruption: the snapshot's training corruption, with the command-line overrides."""
     if not info.ambient:
         given = [k for k in ('corruption_pattern', 'corruption_probability', 'delta_probability', 'mask_full_rgb')
@@ -197,7 +205,7 @@ def _corruption_for(info, opts):
 def _process_snapshot(path, opts, detector_cache):
     net, info = checkpoints.load_network(path, device=dist.device(), training_options=opts.training_options,
                                          allow_unsafe_pickle=opts.allow_unsafe_pickle)
-    corruption = _corruption_for(info, opts)
+    corruption = sampling_corruption(info, opts)
     tag = kimg_tag(info.nimg) if info.nimg is not None else os.path.splitext(os.path.basename(path))[0]
     outdir = os.path.join(opts.outdir, tag)
     sampler_kwargs = dict(num_steps=opts.steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
@@ -233,7 +241,7 @@ def fid(dry_run, **kwargs):
         click.echo(json.dumps(opts, indent=2))
         return
     dist.init()
-    with _one_line_errors():
+    with one_line_errors():
         score_images(opts.images, opts)
 
 
@@ -253,7 +261,7 @@ def ref(dry_run, **kwargs):
     if opts.seed != 0 and opts.max_size is None:
         raise click.BadParameter('--seed only chooses the --max_size subset; add --max_size or drop --seed', param_hint='--seed')
     dist.init()
-    with _one_line_errors():
+    with one_line_errors():
         detector = load_detector(opts)
         dist.print0(f'Computing reference statistics of {opts.data} ...')
         stats = metrics.calculate_inception_stats(opts.data, detector, max_size=opts.max_size, seed=opts.seed,
@@ -273,10 +281,8 @@ def ref(dry_run, **kwargs):
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
 @sampler_options
 @click.option('--resample_guidance_masks', help='Draw new guidance masks at every step', is_flag=True)
+@sampling_mask_options
 @click.option('--corruption_pattern', help='Sampling mask pattern  [default: the training one]', type=click.Choice(['dust', 'box', 'fixed_box', 'keep_patch']))
-@click.option('--corruption_probability', help='p of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
-@click.option('--delta_probability', help='δ of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
-@click.option('--mask_full_rgb',    help='Share dust masks over channels  [default: the training one]', metavar='BOOL', type=bool)
 @click.option('--ref',              help='Also score each snapshot against these statistics', metavar='NPZ|URL', type=str)
 @click.option('--num', '--num_images', 'num', help='Images to score  [default: all seeds] (under torchrun: --num_images)', metavar='INT', type=click.IntRange(min=2))
 @click.option('--subset_seed',      help='Seed of the scored subset when there are more images', metavar='INT', type=int, default=0, show_default=True)
@@ -295,7 +301,7 @@ def generate(dry_run, **kwargs):
         raise click.BadParameter('--watch polls a run directory; --network is not one', param_hint='--watch')
     dist.init()
     done, detector_cache = set(), {}
-    with _one_line_errors():
+    with one_line_errors():
         while True:
             paths = checkpoints.resolve_networks(opts.network, latest=opts.latest)
             for path in [p for p in paths if p not in done]:

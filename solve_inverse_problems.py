@@ -87,7 +87,7 @@ def _unit(images):
 
 def _sampler_corruption(info, opts):
     """The sampling masks of an ambient network: the snapshot's training corruption with the overrides."""
-    return eval_cli._corruption_for(info, dnnlib.EasyDict(corruption_pattern=None,
+    return eval_cli.sampling_corruption(info, dnnlib.EasyDict(corruption_pattern=None,
         corruption_probability=opts.corruption_probability, delta_probability=opts.delta_probability,
         mask_full_rgb=opts.mask_full_rgb, num_masks=opts.num_masks))
 
@@ -250,9 +250,7 @@ def solve(opts):
 @click.option('--num_measurements',   help='Compressed sensing: measurements m', metavar='INT', type=click.IntRange(min=2), default=32, show_default=True)
 @click.option('--dps_scale',          help='DPS weight ζ', metavar='FLOAT', type=click.FloatRange(min=0), default=5.0, show_default=True)
 @click.option('--norm',               help='DPS residual norm (batch = the original\'s, couples samples)', type=click.Choice(list(samplers.DPS_NORMS)), default='per_sample', show_default=True)
-@click.option('--corruption_probability', help='p of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
-@click.option('--delta_probability',  help='δ of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
-@click.option('--mask_full_rgb',      help='Share dust sampling masks over channels  [default: the training one]', metavar='BOOL', type=bool)
+@eval_cli.sampling_mask_options
 @eval_cli.sampler_options
 @click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
 def main(dry_run, **kwargs):
@@ -262,7 +260,7 @@ def main(dry_run, **kwargs):
         click.echo(json.dumps(opts, indent=2))
         return
     dist.init()
-    with eval_cli._one_line_errors():
+    with eval_cli.one_line_errors():
         solve(opts)
     dist.print0('Done.')
 
