@@ -74,3 +74,10 @@ def image_zip(tmp_path):
     """The same kind of dataset as a zip, without labels; returns (path, images)."""
     images = random_images(10, channels=1, resolution=16, seed=1)
     return write_edm_dataset(tmp_path / 'data.zip', images), images
+
+
+@pytest.fixture(scope='session')
+def tiny_if(tmp_path_factory):
+    """A tiny random IF stage-I pipeline (16x16, IF's UNet layout, T5 + tokenizer) saved as a local model dir."""
+    from training.ambient_if import save_tiny_if
+    return save_tiny_if(tmp_path_factory.mktemp('tiny_if') / 'IF-I-tiny', resolution=16)
