@@ -27,7 +27,8 @@ def _pil(image_hwc):
 
 
 def save_png(image_hwc, path):
-    """Write one uint8 [H, W, C] image as PNG, atomically."""
+    """Write one uint8 [H, W, C] image as PNG, atomically (creating its folder)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path, 'wb') as f:
         _pil(image_hwc).save(f, format='png')
 

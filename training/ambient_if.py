@@ -87,7 +87,7 @@ def ambient_if_step(unet, scheduler, x0, mask, hat_mask, encoder_hidden_states, 
     timesteps = randint(scheduler.config.num_train_timesteps, n, generator, x0.device)
     x0 = mask * x0  # The loss and input must not depend on what the data holds outside A.
     x_t = hat_mask * scheduler.add_noise(x0, noise, timesteps)
-    output = unet(x_t.to(unet.dtype), timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    output = unet(x_t, timesteps, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
     eps = output[:, :c].float()
     alpha_prod_t = scheduler.alphas_cumprod.to(x0.device)[timesteps]
     x0_hat = mixed_x0(x_t, eps, hat_mask, alpha_prod_t)
@@ -97,12 +97,13 @@ def ambient_if_step(unet, scheduler, x0, mask, hat_mask, encoder_hidden_states, 
 #----------------------------------------------------------------------------
 # Loading IF components.
 
-def _load(what, loader, model, option, subfolder=None, **kwargs):
+def load_component(what, loader, model, option, subfolder=None, **kwargs):
+    """`loader(model, subfolder=..., **kwargs)`, with failures turned into a one-line ModelLoadError naming the option."""
     where = f'{model}' + (f' (subfolder {subfolder})' if subfolder else '')
     try:
         return loader(model, subfolder=subfolder, **kwargs) if subfolder else loader(model, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = str(err).strip().splitlines()[0].rstrip('.') if str(err).strip() else type(err).__name__
         raise ModelLoadError(f'cannot load the {what} from {where}: {reason}. Pass a local model directory or a '
                              f'cached hub id with {option}') from None
 
@@ -111,23 +112,23 @@ def load_unet(model, cache_dir=None, variant=None, dtype=None, option='--pretrai
     from diffusers import UNet2DConditionModel
     kwargs = dict(cache_dir=cache_dir, variant=variant)
     if dtype is not None:
-        kwargs['torch_dtype'] = dtype
-    return _load('UNet', UNet2DConditionModel.from_pretrained, model, option, 'unet', **kwargs)
+        kwargs['dtype'] = dtype
+    return load_component('UNet', UNet2DConditionModel.from_pretrained, model, option, 'unet', **kwargs)
 
 
 def load_scheduler(model, cache_dir=None, option='--pretrained_model_name_or_path'):
     from diffusers import DDPMScheduler
-    return _load('scheduler', DDPMScheduler.from_pretrained, model, option, 'scheduler', cache_dir=cache_dir)
+    return load_component('scheduler', DDPMScheduler.from_pretrained, model, option, 'scheduler', cache_dir=cache_dir)
 
 
 def load_text_encoder(model, cache_dir=None, dtype=None, option='--pretrained_model_name_or_path'):
     """(tokenizer, T5 encoder) of an IF model directory or hub id."""
     from transformers import AutoTokenizer, T5EncoderModel
-    tokenizer = _load('tokenizer', AutoTokenizer.from_pretrained, model, option, 'tokenizer', cache_dir=cache_dir)
+    tokenizer = load_component('tokenizer', AutoTokenizer.from_pretrained, model, option, 'tokenizer', cache_dir=cache_dir)
     kwargs = dict(cache_dir=cache_dir)
     if dtype is not None:
         kwargs['dtype'] = dtype
-    encoder = _load('text encoder', T5EncoderModel.from_pretrained, model, option, 'text_encoder', **kwargs)
+    encoder = load_component('text encoder', T5EncoderModel.from_pretrained, model, option, 'text_encoder', **kwargs)
     return tokenizer, encoder.eval().requires_grad_(False)
 
 

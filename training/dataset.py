@@ -354,3 +354,80 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"{fname} in {self._path} has no label for {missing[0]} ({len(missing)} images unlabelled)")
         labels = np.array([labels[f] for f in self._image_fnames])
         return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])
+
+
+class HFImageDataset(Dataset):
+    """Images (and captions) from a 🤗 `datasets` dataset: a hub id, a local dataset folder or an image folder.
+
+    Each image is converted to RGB, resized so its shorter side is `resolution` (bilinear) and cropped to a
+    square: centred with `center_crop`, else at a position drawn once per image from (`random_seed`, index), so
+    an image and its mask A keep the same frame on every draw and no hidden pixel is ever shown.
+    """
+
+    def __init__(self,
+        name,                   # Hub id or local path given to datasets.load_dataset.
+        config_name = None,     # The dataset's configuration name.
+        split       = 'train',  # Which split to use.
+        image_column = 'image', # Column holding the images.
+        caption_column = None,  # Column holding captions (None: no captions).
+        resolution  = 64,       # Output side in pixels.
+        center_crop = False,    # Crop the centre instead of a per-image random square.
+        cache_dir   = None,     # datasets' cache directory.
+        **super_kwargs,         # Passed on to Dataset.
+    ):
+        import datasets
+        try:
+            data = datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir)
+        except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DatasetError(f"cannot load dataset {name!r} (split {split!r}): {reason}") from None
+        for label, column in (('image', image_column), ('caption', caption_column)):
+            if column is not None and column not in data.column_names:
+                raise DatasetError(f"dataset {name!r} has no {label} column {column!r}; its columns are "
+                                   f"{', '.join(data.column_names)}")
+        if len(data) == 0:
+            raise DatasetError(f"dataset {name!r} (split {split!r}) is empty")
+        self._data = data
+        self._image_column = image_column
+        self._caption_column = caption_column
+        self._target = int(resolution)
+        self._center_crop = bool(center_crop)
+        self._crop_seed = int(super_kwargs.get('random_seed', 0))
+        super().__init__(name=os.path.basename(str(name).rstrip('/')), raw_shape=[len(data), 3, resolution, resolution],
+                         **super_kwargs)
+
+    def _load_raw_image(self, raw_idx):
+        image = self._data[int(raw_idx)][self._image_column]
+        if not isinstance(image, PIL.Image.Image):
+            raise DatasetError(f"item {raw_idx} of column {self._image_column!r} is not an image")
+        image = image.convert('RGB')
+        w, h = image.size
+        scale = self._target / min(w, h)
+        size = (max(self._target, round(w * scale)), max(self._target, round(h * scale)))
+        image = image.resize(size, PIL.Image.BILINEAR)
+        span_x, span_y = size[0] - self._target, size[1] - self._target
+        if self._center_crop:
+            left, top = span_x // 2, span_y // 2
+        else:
+            offsets = torch.randint(0, 1 << 30, (2,), generator=_generator(0xD, self._crop_seed, raw_idx))
+            left, top = int(offsets[0]) % (span_x + 1), int(offsets[1]) % (span_y + 1)
+        image = image.crop((left, top, left + self._target, top + self._target))
+        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+    def _image_name(self, raw_idx):
+        return f'item {raw_idx} of {self._name}'
+
+    def _load_raw_labels(self):
+        return None
+
+    def caption(self, idx):
+        """The caption of item `idx` ('' without a caption column; the first one when an item has several)."""
+        if self._caption_column is None:
+            return ''
+        caption = self._data[int(self._raw_idx[idx])][self._caption_column]
+        if isinstance(caption, (list, tuple)):
+            caption = caption[0] if caption else ''
+        if not isinstance(caption, str):
+            raise DatasetError(f"caption of item {idx} in column {self._caption_column!r} is {type(caption).__name__}, "
+                               f"not text")
+        return caption
