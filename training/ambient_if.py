@@ -249,7 +249,8 @@ def _tiny_unet(resolution, in_channels, text_dim, seed, channels=(16, 32), class
         resnet_time_scale_shift='scale_shift', act_fn='gelu', class_embed_type=class_embed_type)
 
 
-def _if_scheduler(**overrides):
+def if_scheduler(**overrides):
+    """A DDPMScheduler with IF stage I's configuration (cosine schedule, learned range, dynamic thresholding)."""
     from diffusers import DDPMScheduler
     config = dict(num_train_timesteps=1000, beta_schedule='squaredcos_cap_v2', variance_type='learned_range',
         thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5, clip_sample=True,
@@ -262,7 +263,7 @@ def save_tiny_if(dest, resolution=16, seed=0, channels=(16, 32)):
     from diffusers import IFPipeline
     tokenizer, encoder = _tiny_text(seed)
     unet = _tiny_unet(resolution, 3, encoder.config.d_model, seed, channels)
-    pipe = IFPipeline(tokenizer=tokenizer, text_encoder=encoder, unet=unet, scheduler=_if_scheduler(),
+    pipe = IFPipeline(tokenizer=tokenizer, text_encoder=encoder, unet=unet, scheduler=if_scheduler(),
         safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
     pipe.save_pretrained(dest)
     return str(dest)
@@ -274,7 +275,7 @@ def save_tiny_if_upscaler(dest, resolution=32, seed=0):
     tokenizer, encoder = _tiny_text(seed)
     unet = _tiny_unet(resolution, 6, encoder.config.d_model, seed + 1, class_embed_type='timestep')
     pipe = IFSuperResolutionPipeline(tokenizer=tokenizer, text_encoder=encoder, unet=unet,
-        scheduler=_if_scheduler(), image_noising_scheduler=_if_scheduler(variance_type='fixed_small', thresholding=False),
+        scheduler=if_scheduler(), image_noising_scheduler=if_scheduler(variance_type='fixed_small', thresholding=False),
         safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
     pipe.save_pretrained(dest)
     return str(dest)
