@@ -33,10 +33,11 @@ VARIANCE_TYPES = ('fixed_small', 'learned_range')
 
 def prompt_embeddings(c, device):
     """(prompt embeddings [1, L, D], negative = empty-prompt embeddings [1, L, D]) on `device`."""
-    empty = ambient_if.empty_prompt_embeds(c.empty_embeds, c.pretrained_model_name_or_path, c.cache_dir)
+    empty = ambient_if.empty_prompt_embeds(c.empty_embeds, c.pretrained_model_name_or_path, c.cache_dir, device)
     if not c.prompt:
         return empty.to(device), empty.to(device)
-    tokenizer, encoder = ambient_if.load_text_encoder(c.pretrained_model_name_or_path, c.cache_dir)
+    tokenizer, encoder = ambient_if.load_text_encoder(c.pretrained_model_name_or_path, c.cache_dir,
+                                                      dtype=ambient_if.text_encoder_dtype(device))
     embeds = ambient_if.encode_prompts(tokenizer, encoder.to(device), [c.prompt]).float()
     return embeds, empty.to(device)
 

@@ -225,7 +225,6 @@ def train(c):
             json.dump(c, f, indent=2)
 
     # Models. The UNet trains in float32; mixed precision is autocast by accelerate.
-    weight_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     scheduler = ambient_if.load_scheduler(c.pretrained_model_name_or_path, c.cache_dir)
     unet = ambient_if.load_unet(c.pretrained_model_name_or_path, c.cache_dir, c.variant)
     unet.train()
@@ -258,7 +257,7 @@ def train(c):
     validation_embeds = None
     if captions or any(p for p in c.validation_prompts):
         tokenizer, encoder = ambient_if.load_text_encoder(c.pretrained_model_name_or_path, c.cache_dir,
-                                                          dtype=weight_dtype)
+                                                          dtype=ambient_if.text_encoder_dtype(accelerator.device))
         encoder.to(accelerator.device)
     if c.validation_prompts:
         validation_embeds = torch.cat([empty if not p else ambient_if.encode_prompts(tokenizer, encoder, [p]).float()

@@ -1,6 +1,5 @@
 """AmbientIFPipeline: stock-IF equality without corruption, masks fixed per trajectory, CFG, reproducibility."""
 
-import numpy as np
 import pytest
 import torch
 from diffusers import IFPipeline

@@ -16,8 +16,9 @@ from conftest import REPO, random_images, write_edm_dataset
 ENV = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', WANDB_MODE='disabled', OMP_NUM_THREADS='2')
 
 
-def _run(script, *args, check=True):
-    res = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True)
+def _run(script, *args, check=True, **env):
+    res = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=dict(ENV, **env), capture_output=True,
+                         text=True)
     if check and res.returncode != 0:
         raise AssertionError(f'{script} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}')
     return res
@@ -83,7 +84,9 @@ def test_resume_continues_the_same_run(tmp_path, trained, tiny_if, data16):
         assert x['loss'] == pytest.approx(y['loss'], rel=1e-6)
 
 
-def test_hf_imagefolder_with_captions_and_8bit_adam(tmp_path, tiny_if):
+def test_hf_imagefolder_with_captions_and_other_options(tmp_path, tiny_if):
+    # Captions through the text encoder, 8-bit AdamW, accumulation, gradient checkpointing, offset noise, a cosine
+    # schedule and wandb in offline mode.
     folder = tmp_path / 'imagefolder'
     folder.mkdir()
     captions = ['a photo of a cat', 'a dog', 'the face of a person', 'a cat']
@@ -94,9 +97,15 @@ def test_hf_imagefolder_with_captions_and_8bit_adam(tmp_path, tiny_if):
     out = tmp_path / 'run'
     res = _run('train_text_to_image.py', '--pretrained_model_name_or_path', tiny_if, '--dataset_name', folder,
                '--resolution', 16, '--random_flip', '--train_batch_size', 2, '--max_train_steps', 2, '--use_8bit_adam',
-               '--report_to', 'none', '--output_dir', out, '--lr_warmup_steps', 0)
+               '--gradient_accumulation_steps', 2, '--gradient_checkpointing', '--noise_offset', 0.1,
+               '--lr_scheduler', 'cosine', '--lr_warmup_steps', 1, '--report_to', 'wandb', '--output_dir', out,
+               WANDB_MODE='offline', WANDB_DIR=str(tmp_path))
     assert 'captions' in res.stdout + res.stderr
-    assert len(_stats(out)) == 2 and os.path.isfile(out / 'state_dict_2.pt')
+    stats = _stats(out)
+    assert [(s['step'], s['epoch']) for s in stats] == [(1, 0), (2, 0)]  # 8 items (flips), 4 batches, 2 updates
+    assert stats[0]['lr'] > stats[1]['lr'] >= 0  # warm-up to the peak, then cosine decay to 0
+    assert os.path.isfile(out / 'state_dict_2.pt')
+    assert any(d.startswith('offline-run') for d in os.listdir(tmp_path / 'wandb'))
 
 
 def test_inference_is_batch_independent_resumable_and_upscales(tmp_path, trained, tiny_if):

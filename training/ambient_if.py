@@ -143,6 +143,12 @@ def encode_prompts(tokenizer, text_encoder, prompts, device=None):
     return embeds
 
 
+def text_encoder_dtype(device):
+    """bfloat16 for T5 on GPUs that support it (fp16 overflows in T5), float32 elsewhere."""
+    device = torch.device(device or 'cpu')
+    return torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32
+
+
 def empty_prompt_embeds(path, model=None, cache_dir=None, device=None, option='--empty_embeds'):
     """The T5 embedding of the empty prompt [1, L, D] (float32, CPU).
 
@@ -163,7 +169,7 @@ def empty_prompt_embeds(path, model=None, cache_dir=None, device=None, option='-
         raise ModelLoadError(f'no empty-prompt embedding at {path} and no text encoder to compute it: pass an '
                              f'existing file with {option}')
     try:
-        tokenizer, encoder = load_text_encoder(model, cache_dir)
+        tokenizer, encoder = load_text_encoder(model, cache_dir, dtype=text_encoder_dtype(device))
     except ModelLoadError as err:
         raise ModelLoadError(f'no empty-prompt embedding at {path}, and {err}; or pass an existing embedding file '
                              f'with {option}') from None
