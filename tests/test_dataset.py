@@ -214,3 +214,18 @@ def test_corruption_config_round_trip(image_folder):
     json.dumps(cfg)
     assert cfg['corruption_probability'] == 0.6 and cfg['delta_probability'] == 0.2
     assert cfg['corruption_seed'] == 3 and cfg['hat_seed'] == 4 and cfg['fixed_hat_mask'] is False
+
+
+def test_zip_is_reopened_in_each_process(image_zip, monkeypatch):
+    # A forked DataLoader worker must not share the parent's zip handle (and its file position).
+    path, images = image_zip
+    ds = ImageFolderDataset(path)
+    parent = ds._get_zipfile()
+    assert ds._get_zipfile() is parent
+    monkeypatch.setattr(os, 'getpid', lambda: -1)
+    child = ds._get_zipfile()
+    assert child is not parent
+    assert torch.equal(ds[3][0], ImageFolderDataset(path)[3][0])
+    monkeypatch.undo()
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
+    assert sum(batch[0].shape[0] for batch in loader) == len(images)

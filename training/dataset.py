@@ -265,6 +265,7 @@ class ImageFolderDataset(Dataset):
     ):
         self._path = str(path)
         self._zipfile = None
+        self._zipfile_pid = None
         if os.path.isdir(self._path):
             self._type = 'dir'
             self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=self._path).replace(os.sep, '/')
@@ -301,8 +302,10 @@ class ImageFolderDataset(Dataset):
 
     def _get_zipfile(self):
         assert self._type == 'zip'
-        if self._zipfile is None:
+        # A forked DataLoader worker inherits the parent's handle and would share its file position: reopen per process.
+        if self._zipfile is None or self._zipfile_pid != os.getpid():
             self._zipfile = zipfile.ZipFile(self._path)
+            self._zipfile_pid = os.getpid()
         return self._zipfile
 
     def _open_file(self, fname):
