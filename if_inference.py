@@ -21,14 +21,19 @@ import os
 import click
 import torch
 import tqdm
-
 from diffusers import DDPMScheduler
+import dnnlib
 from eval import image_path, one_line_errors
 from pipeline_if import CORRUPTION_PATTERNS, AmbientIFPipeline
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from training import ambient_if
 
 VARIANCE_TYPES = ('fixed_small', 'learned_range')
+UPSCALE_SEED_OFFSET = 1 << 32  # Stage II of image i draws from seed + i + offset, independent of stage I's noise.
+# Options that change the images: a rerun into the same folder must use the same values.
+IMAGE_OPTIONS = ('pretrained_model_name_or_path', 'checkpoint_path', 'corruption_pattern', 'corruption_probability',
+                 'delta_probability', 'seed', 'num_inference_steps', 'guidance_scale', 'prompt', 'variance_type',
+                 'upscale', 'upscaler_model', 'upscale_steps', 'noise_level', 'variant')
 
 
 def prompt_embeddings(c, device):
@@ -63,6 +68,20 @@ def load_pipelines(c, device, dtype):
     return pipe, upscaler
 
 
+def check_options(c):
+    """Write inference_options.json, or refuse to add images made with other options to an existing folder."""
+    path = os.path.join(c.output_dir, 'inference_options.json')
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [f'--{k}: {old.get(k)!r} -> {c[k]!r}' for k in IMAGE_OPTIONS if old.get(k) != c[k]]
+        if changed:
+            raise ValueError(f'{c.output_dir} holds images made with other options ({"; ".join(changed)}); '
+                             f'pass another --output_dir')
+    with dnnlib.util.atomic_write(path, 'w') as f:
+        json.dump(c, f, indent=2)
+
+
 def generate(c):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     dtype = torch.float16 if device.type == 'cuda' else torch.float32
@@ -70,17 +89,18 @@ def generate(c):
     embeds, negative = prompt_embeddings(c, device)
     pipe, upscaler = load_pipelines(c, device, dtype)
     ambient_if.check_embeds(embeds, pipe.unet, c.empty_embeds if not c.prompt else '--prompt')
-    with open(os.path.join(c.output_dir, 'inference_options.json'), 'w') as f:
-        json.dump(c, f, indent=2)
+    check_options(c)
 
     folders = dict(images=os.path.join(c.output_dir, 'images'), upscaled=os.path.join(c.output_dir, 'upscaled'))
     num_batches = math.ceil(c.num_images / c.batch_size)
     done = skipped = 0
     for b in tqdm.tqdm(range(c.batch_resume_index, num_batches), desc='batches'):
-        indices = list(range(b * c.batch_size, min((b + 1) * c.batch_size, c.num_images)))
+        batch = range(b * c.batch_size, min((b + 1) * c.batch_size, c.num_images))
         wanted = [folders['images']] + ([folders['upscaled']] if upscaler is not None else [])
-        if all(os.path.isfile(image_path(folder, i, subdirs=True)) for folder in wanted for i in indices):
-            skipped += len(indices)
+        # Per-image generators: only the missing images of a batch are made, and they come out the same.
+        indices = [i for i in batch if not all(os.path.isfile(image_path(f, i, subdirs=True)) for f in wanted)]
+        skipped += len(batch) - len(indices)
+        if not indices:
             continue
         n = len(indices)
         kwargs = dict(prompt_embeds=embeds.expand(n, -1, -1).to(dtype), guidance_scale=c.guidance_scale)
@@ -93,8 +113,8 @@ def generate(c):
         outputs = dict(images=images)
         if upscaler is not None:
             outputs['upscaled'] = upscaler(image=images, num_inference_steps=c.upscale_steps, noise_level=c.noise_level,
-                output_type='pt', generator=[torch.Generator(device).manual_seed(c.seed + i) for i in indices],
-                **kwargs).images
+                output_type='pt', generator=[torch.Generator(device).manual_seed(c.seed + i + UPSCALE_SEED_OFFSET)
+                                             for i in indices], **kwargs).images
         for name, batch in outputs.items():
             pixels = to_uint8(batch.float().cpu())  # [N, H, W, C]
             for i, image in zip(indices, pixels):
@@ -130,8 +150,7 @@ def generate(c):
 @click.option('--cache_dir',          help='Cache of hub models', metavar='DIR', type=str)
 def main(**kwargs):
     """Sample images from an ambient-fine-tuned DeepFloyd IF model."""
-    from dnnlib import EasyDict
-    c = EasyDict(kwargs)
+    c = dnnlib.EasyDict(kwargs)
     if c.empty_embeds is None:
         c.empty_embeds = os.path.join(c.output_dir, 'empty_embeds.pt')
     if c.batch_resume_index * c.batch_size >= c.num_images:

@@ -52,7 +52,7 @@ class AmbientDDPMScheduler(DDPMScheduler):
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
         current_beta_t = 1 - current_alpha_t
 
-        x0 = clean_image
+        x0 = clean_image.to(sample.dtype)
         if self.config.thresholding:
             x0 = self._threshold_sample(x0)
         elif self.config.clip_sample:

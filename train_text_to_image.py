@@ -62,7 +62,7 @@ def make_dataset(c):
     mode = 'clean' if c.clean_diagnostics else 'corrupted'
     common = dict(max_size=c.max_train_samples, xflip=c.random_flip, random_seed=c.seed,
         corruption_pattern=c.corruption_pattern, corruption_probability=c.corruption_probability,
-        delta_probability=c.delta_probability, mask_full_rgb=True, corruption_seed=c.seed, hat_seed=c.seed,
+        delta_probability=c.delta_probability, mask_full_rgb=True, corruption_seed=c.corruption_seed, hat_seed=c.seed,
         fixed_hat_mask=c.fixed_hat_mask, mode=mode)
     if c.train_data_dir is not None:
         dataset = ImageFolderDataset(c.train_data_dir, **common)
@@ -108,13 +108,11 @@ def resolve_resume(c):
 
 
 def ema_weights(unet, ema):
-    """The UNet state dict, with the EMA parameters when EMA is used (CPU copies)."""
-    if ema is None:
-        return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
+    """The UNet state dict (CPU copies), with the EMA's shadow parameters in place of the parameters."""
     state = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
-    ema.restore(unet.parameters())
+    if ema is not None:
+        for (name, _), shadow in zip(unet.named_parameters(), ema.shadow_params):
+            state[name] = shadow.detach().cpu().clone()
     return state
 
 
@@ -187,16 +185,16 @@ def save_checkpoint(c, accelerator, step):
     tmp = final + '.tmp'
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        if c.checkpoints_total_limit is not None:
-            old = [d for d in checkpoint_dirs(c.output_dir) if d != final]
-            for d in old[:max(0, len(old) - c.checkpoints_total_limit + 1)]:
-                shutil.rmtree(d)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        if c.checkpoints_total_limit is not None:  # Only once the new one is complete.
+            old = [d for d in checkpoint_dirs(c.output_dir) if d != final]
+            for d in old[:max(0, len(old) - c.checkpoints_total_limit + 1)]:
+                shutil.rmtree(d)
     accelerator.wait_for_everyone()
 
 
@@ -204,6 +202,7 @@ def train(c):
     """The training run described by the config `c` (see the click options)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -289,14 +288,24 @@ def train(c):
     if resume is not None:
         log(f'Resuming from {resume}')
         accelerator.load_state(resume)
+        if ema is not None:
+            ema.to(accelerator.device)  # accelerate loads custom states onto the CPU.
         global_step = int(resume.rstrip('/').rsplit('-', 1)[1])
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * c.gradient_accumulation_steps
+    # Validation samples as if_inference.py does by default: posterior variance (the variance channels are not trained).
+    validation_scheduler = DDPMScheduler.from_config(scheduler.config, variance_type='fixed_small')
     corruption = MaskCorruption(c.corruption_pattern, c.corruption_probability, c.delta_probability, mask_full_rgb=True)
     log(f'{max_steps} optimizer steps of {c.train_batch_size} x {accelerator.num_processes} processes x '
         f'{c.gradient_accumulation_steps} accumulation; {epochs} epochs; starting at step {global_step}')
 
     stats_path = os.path.join(c.output_dir, 'stats.jsonl')
+    if main and os.path.isfile(stats_path):  # Drop lines of steps after the checkpoint we resume from.
+        with open(stats_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)['step'] <= global_step]
+        with dnnlib.util.atomic_write(stats_path, 'w') as f:
+            f.writelines(kept)
+    window = {}  # Diagnostics summed over the micro-batches of one optimizer step.
     progress = tqdm.tqdm(total=max_steps, initial=global_step, disable=not main, desc='steps')
     start = time.time()
     for epoch in range(first_epoch, epochs):
@@ -327,6 +336,9 @@ def train(c):
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            for k, v in stats.items():
+                window[k] = window.get(k, 0) + v.float()
+            window['micro_batches'] = window.get('micro_batches', 0) + 1
             if main and micro == 0:  # What the first step of each epoch saw.
                 save_artifacts(c, batch, pics, global_step)
             if not accelerator.sync_gradients:
@@ -334,8 +346,10 @@ def train(c):
             if ema is not None:
                 ema.step(unet.parameters())
             global_step += 1
-            names = sorted(stats)
-            values = accelerator.reduce(torch.stack([stats[k].float() for k in names]), reduction='mean')
+            count = window.pop('micro_batches')
+            names = sorted(window)
+            values = accelerator.reduce(torch.stack([window[k] / count for k in names]), reduction='mean')
+            window = {}
             line = dict(step=global_step, epoch=epoch, lr=lr_scheduler.get_last_lr()[0],
                         **{k: float(v) for k, v in zip(names, values)}, sec=time.time() - start)
             accelerator.log({k: v for k, v in line.items() if k != 'step'}, step=global_step)
@@ -351,7 +365,7 @@ def train(c):
                 atomic_torch_save(ema_weights(accelerator.unwrap_model(unet), ema),
                                   os.path.join(c.output_dir, f'state_dict_{global_step}.pt'))
             if main and validation_embeds is not None and (global_step % c.validation_steps == 0 or done):
-                run_validation(c, accelerator, unet, ema, scheduler, validation_embeds, global_step)
+                run_validation(c, accelerator, unet, ema, validation_scheduler, validation_embeds, global_step)
             if done:
                 break
     progress.close()
@@ -366,7 +380,7 @@ def train(c):
 @click.option('--variant',            help='Weight variant to load (e.g. fp16)', metavar='STR', type=str)
 @click.option('--cache_dir',          help='Cache of hub models and datasets', metavar='DIR', type=str)
 @click.option('--train_data_dir',     help='EDM-format dataset folder or zip (dataset_tool.py)', metavar='PATH', type=str)
-@click.option('--dataset_name',       help='🤗 dataset: hub id, saved dataset or image folder', metavar='ID|DIR', type=str)
+@click.option('--dataset_name',       help='🤗 dataset: hub id, dataset repository folder, or image folder', metavar='ID|DIR', type=str)
 @click.option('--dataset_config_name', help='The 🤗 dataset\'s configuration', metavar='STR', type=str)
 @click.option('--image_column',       help='Image column of the 🤗 dataset', metavar='STR', type=str, default='image', show_default=True)
 @click.option('--caption_column',     help='Caption column of the 🤗 dataset', metavar='STR', type=str, default='text', show_default=True)
@@ -380,11 +394,12 @@ def train(c):
 @click.option('--corruption_pattern', help='Mask pattern of A', type=click.Choice(list(MASK_PATTERNS)), default='dust', show_default=True)
 @click.option('--corruption_probability', help='p: fraction of pixels A hides', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.4, show_default=True)
 @click.option('--delta_probability',  help='δ: fraction of A the further corruption B hides', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option('--corruption_seed',    help='Seed of the dataset\'s masks A (the corrupted dataset itself)', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--fixed_hat_mask',     help='One fixed B per image (the original) instead of a fresh B every step', is_flag=True)
 @click.option('--clean_diagnostics',  help='Read clean images to log the loss on all and on hidden pixels (evaluation only; training still sees A ⊙ x0)', is_flag=True)
 # Optimisation.
 @click.option('--output_dir',         help='Where checkpoints, state dicts and logs go', metavar='DIR', type=str, default='if-ambient-finetuned', show_default=True)
-@click.option('--seed',               help='Seed of masks, noise, shuffling and subsets', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--seed',               help='Seed of B, noise, timesteps, shuffling, crops and subsets', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--train_batch_size',   help='Batch size per process', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
 @click.option('--num_train_epochs',   help='Epochs (when --max_train_steps is not given)', metavar='INT', type=click.IntRange(min=1), default=100, show_default=True)
 @click.option('--max_train_steps',    help='Optimizer steps in total (overrides the epochs)', metavar='INT', type=click.IntRange(min=1))
@@ -423,6 +438,9 @@ def main(**kwargs):
     c = dnnlib.EasyDict(kwargs)
     if (c.train_data_dir is None) == (c.dataset_name is None):
         raise click.ClickException('pass exactly one of --train_data_dir (EDM-format folder or zip) and --dataset_name')
+    if c.train_data_dir is not None and c.center_crop:
+        raise click.ClickException('--center_crop applies to --dataset_name images; --train_data_dir datasets are '
+                                   'already square (crop them with dataset_tool.py --transform=center-crop)')
     if c.empty_embeds is None:
         c.empty_embeds = os.path.join(c.output_dir, 'empty_embeds.pt')
     c.validation_prompts = [p.strip() for p in c.validation_prompts.split(',')] if c.validation_prompts else []

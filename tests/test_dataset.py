@@ -5,6 +5,7 @@ import os
 import zipfile
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -229,3 +230,30 @@ def test_zip_is_reopened_in_each_process(image_zip, monkeypatch):
     monkeypatch.undo()
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
     assert sum(batch[0].shape[0] for batch in loader) == len(images)
+
+
+def test_hf_image_dataset_keeps_hidden_pixels_hidden(tmp_path):
+    # 🤗 image folder, non-square images, random crops fixed per image, mirrored copies with mirrored masks.
+    from training.dataset import HFImageDataset
+    folder = tmp_path / 'imagefolder'
+    folder.mkdir()
+    raw = random_images(3, 3, 24, seed=5)
+    for i, img in enumerate(raw):
+        PIL.Image.fromarray(np.concatenate([img, img[:, :6]], axis=1)).save(folder / f'{i}.png')  # 30x24
+    kwargs = dict(resolution=16, corruption_probability=0.5, delta_probability=0.2, mask_full_rgb=True, xflip=True)
+    ds = HFImageDataset(str(folder), **kwargs)
+    clean = HFImageDataset(str(folder), mode='clean', **kwargs)
+    assert len(ds) == 6
+    for idx in range(3):
+        image, _, mask, hat = ds[idx]
+        x0, _, mask_c, _ = clean[idx]
+        assert image.shape == (3, 16, 16)
+        assert torch.equal(mask, mask_c) and torch.equal(image, x0 * mask)  # the item is A ⊙ x0
+        assert (hat <= mask).all()
+        assert torch.equal(ds[idx][0], image)  # same crop and A on every draw
+        flipped, _, fmask, _ = ds[idx + 3]
+        assert torch.equal(fmask, mask.flip(-1)) and torch.equal(flipped, image.flip(-1))
+    with pytest.raises(DatasetError, match="no caption column 'text'"):
+        HFImageDataset(str(folder), caption_column='text')
+    with pytest.raises(DatasetError, match='cannot load dataset'):
+        HFImageDataset(str(tmp_path / 'missing'))

@@ -96,8 +96,17 @@ def test_explicit_masks_and_bad_arguments(pipes):
     _, ambient = pipes
     masks = torch.zeros(1, 3, 16, 16)
     masks[..., :8] = 1
-    out = ambient(prompt='a cat', num_inference_steps=2, guidance_scale=0.0, generator=_gen(4), output_type='pt', masks=masks)
-    assert out.images.shape == (1, 3, 16, 16)
+    inputs = []
+    unet_forward = ambient.unet.forward
+    ambient.unet.forward = lambda sample, *a, **k: inputs.append(sample.clone()) or unet_forward(sample, *a, **k)
+    try:
+        out = ambient(prompt='a cat', num_inference_steps=2, guidance_scale=0.0, generator=_gen(4), output_type='pt',
+                      masks=masks)
+    finally:
+        del ambient.unet.forward
+    assert out.images.shape == (1, 3, 16, 16) and len(inputs) == 2
+    for x in inputs:  # The UNet sees exactly the left half.
+        assert (x[..., 8:] == 0).all() and (x[..., :8] != 0).all()
     with pytest.raises(ValueError, match='masks has shape'):
         ambient(prompt='a cat', num_inference_steps=2, guidance_scale=0.0, masks=masks[..., :8])
     with pytest.raises(ValueError, match='corruption_pattern'):

@@ -73,6 +73,8 @@ def test_resume_continues_the_same_run(tmp_path, trained, tiny_if, data16):
     # 2 steps, then resume to 4: the same weights as 4 steps straight (diagnostics and validation change nothing).
     out = str(tmp_path / 'run')
     _run('train_text_to_image.py', *_train_args(tiny_if, data16, out, 2), '--report_to', 'none')
+    with open(os.path.join(out, 'stats.jsonl'), 'a') as f:  # A step logged after the checkpoint, then a crash.
+        f.write(json.dumps(dict(step=3, loss=0.0)) + '\n')
     res = _run('train_text_to_image.py', *_train_args(tiny_if, data16, out, 4), '--report_to', 'none',
                '--resume_from_checkpoint', 'latest')
     assert 'starting at step 2' in res.stdout + res.stderr
@@ -124,11 +126,17 @@ def test_inference_is_batch_independent_resumable_and_upscales(tmp_path, trained
         up = PIL.Image.open(tmp_path / 'a' / 'upscaled' / '000000' / f'{i:06d}.png')
         assert up.size == (32, 32)
     assert os.path.isfile(tmp_path / 'a' / 'collages' / 'images_000000.png')
+    os.remove(tmp_path / 'b' / 'images' / '000000' / '000001.png')
     res = _run('if_inference.py', *common, '--output_dir', tmp_path / 'b', '--batch_size', 2)
-    assert 'Generated 0 images (3 already there)' in res.stdout
+    assert 'Generated 1 images (2 already there)' in res.stdout
+    again = np.asarray(PIL.Image.open(tmp_path / 'b' / 'images' / '000000' / '000001.png'))
+    first = np.asarray(PIL.Image.open(tmp_path / 'a' / 'images' / '000000' / '000001.png'))
+    assert np.abs(again.astype(int) - first.astype(int)).max() <= 1
+    res = _run('if_inference.py', *common[:-1], 6, '--output_dir', tmp_path / 'b', check=False)
+    assert res.returncode != 0 and "--seed: 5 -> 6" in res.stderr
 
 
-def test_command_line_errors(tmp_path, tiny_if, data16):
+def test_command_line_errors(tmp_path, tiny_if, data16, monkeypatch):
     import if_inference
     import train_text_to_image
     runner = CliRunner()
@@ -146,8 +154,11 @@ def test_command_line_errors(tmp_path, tiny_if, data16):
         out, '--pretrained_model_name_or_path', tmp_path / 'missing-model', '--report_to', 'none')
     assert '--resolution=16' in error(train_text_to_image, '--train_data_dir', data16, '--output_dir', out,
         '--pretrained_model_name_or_path', tiny_if, '--resolution', 64, '--report_to', 'none')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert 'fp16 needs a CUDA device' in error(train_text_to_image, '--train_data_dir', data16, '--output_dir', out,
         '--pretrained_model_name_or_path', tiny_if, '--mixed_precision', 'fp16')
+    assert '--center_crop applies to --dataset_name' in error(train_text_to_image, '--train_data_dir', data16,
+        '--output_dir', out, '--center_crop')
     assert 'checkpoint-<step>' in error(train_text_to_image, '--train_data_dir', data16, '--output_dir', out,
         '--pretrained_model_name_or_path', tiny_if, '--resolution', 16, '--resume_from_checkpoint', tmp_path,
         '--report_to', 'none')
