@@ -24,6 +24,15 @@ def _run(script, *args, check=True, **env):
     return res
 
 
+def _infer(*args, check=True):
+    """if_inference.py in this process (its imports are loaded once): returns the click result."""
+    import if_inference
+    res = CliRunner().invoke(if_inference.main, [str(a) for a in args])
+    if check and res.exit_code != 0:
+        raise AssertionError(f'if_inference.py failed:\n{res.output[-3000:]}') from res.exception
+    return res
+
+
 def _stats(run):
     with open(os.path.join(run, 'stats.jsonl')) as f:
         return [json.loads(line) for line in f]
@@ -116,9 +125,9 @@ def test_inference_is_batch_independent_resumable_and_upscales(tmp_path, trained
     ckpt = os.path.join(trained, 'state_dict_4.pt')
     common = ['--pretrained_model_name_or_path', tiny_if, '--checkpoint_path', ckpt, '--num_images', 3,
               '--num_inference_steps', 4, '--corruption_probability', 0.5, '--seed', 5]
-    _run('if_inference.py', *common, '--output_dir', tmp_path / 'a', '--batch_size', 3, '--save_collage',
+    _infer(*common, '--output_dir', tmp_path / 'a', '--batch_size', 3, '--save_collage',
          '--upscale', '--upscaler_model', upscaler, '--upscale_steps', 2)
-    _run('if_inference.py', *common, '--output_dir', tmp_path / 'b', '--batch_size', 2)
+    _infer(*common, '--output_dir', tmp_path / 'b', '--batch_size', 2)
     for i in range(3):
         a = np.asarray(PIL.Image.open(tmp_path / 'a' / 'images' / '000000' / f'{i:06d}.png'))
         b = np.asarray(PIL.Image.open(tmp_path / 'b' / 'images' / '000000' / f'{i:06d}.png'))
@@ -127,13 +136,13 @@ def test_inference_is_batch_independent_resumable_and_upscales(tmp_path, trained
         assert up.size == (32, 32)
     assert os.path.isfile(tmp_path / 'a' / 'collages' / 'images_000000.png')
     os.remove(tmp_path / 'b' / 'images' / '000000' / '000001.png')
-    res = _run('if_inference.py', *common, '--output_dir', tmp_path / 'b', '--batch_size', 2)
-    assert 'Generated 1 images (2 already there)' in res.stdout
+    res = _infer(*common, '--output_dir', tmp_path / 'b', '--batch_size', 2)
+    assert 'Generated 1 images (2 already there)' in res.output
     again = np.asarray(PIL.Image.open(tmp_path / 'b' / 'images' / '000000' / '000001.png'))
     first = np.asarray(PIL.Image.open(tmp_path / 'a' / 'images' / '000000' / '000001.png'))
     assert np.abs(again.astype(int) - first.astype(int)).max() <= 1
-    res = _run('if_inference.py', *common[:-1], 6, '--output_dir', tmp_path / 'b', check=False)
-    assert res.returncode != 0 and "--seed: 5 -> 6" in res.stderr
+    res = _infer(*common[:-1], 6, '--output_dir', tmp_path / 'b', check=False)
+    assert res.exit_code != 0 and "--seed: 5 -> 6" in res.output
 
 
 def test_command_line_errors(tmp_path, tiny_if, data16, monkeypatch):
