@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import dnnlib
-from torch_utils.misc import _unwrapped_name
+from torch_utils.misc import unwrapped_name
 
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+(?:\.\d+)?)\.(pt|pkl)$')
 PERSISTENT_RECONSTRUCT = 'torch_utils.persistence._reconstruct_persistent_obj'
@@ -372,7 +372,7 @@ def _state_dict(tensors, path):
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f'{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor')
-        sd[_unwrapped_name(str(key))] = value
+        sd[unwrapped_name(str(key))] = value
     return sd
 
 

@@ -382,15 +382,15 @@ class StackedRandomGenerator:
 # ----------------------------------------------------------------------------
 # Parameters and buffers.
 
-_WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 
 
-def _unwrapped_name(name: str) -> str:
+def unwrapped_name(name: str) -> str:
     # DDP adds 'module.' and torch.compile adds '_orig_mod.'; matching by name must see through both.
     stripped = True
     while stripped:
         stripped = False
-        for prefix in _WRAPPER_PREFIXES:
+        for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
                 name, stripped = name[len(prefix):], True
     return name
@@ -426,10 +426,10 @@ def copy_params_and_buffers(src_module: Union[torch.nn.Module, Mapping[str, torc
         src_tensors = dict(src_module)
     else:
         raise TypeError(f'copy_params_and_buffers: source must be a Module or a state dict, got {type(src_module).__name__}')
-    src_tensors = {_unwrapped_name(name): tensor for name, tensor in src_tensors.items()}
+    src_tensors = {unwrapped_name(name): tensor for name, tensor in src_tensors.items()}
     copied, missing = [], []
     for name, tensor in named_params_and_buffers(dst_module):
-        key = _unwrapped_name(name)
+        key = unwrapped_name(name)
         if key not in src_tensors:
             missing.append(name)
             continue

@@ -20,11 +20,10 @@ import os
 import torch
 
 import dnnlib
-from torch_utils.misc import randint, randn
+from torch_utils.misc import randint, randn, unwrapped_name
 
 IF_STAGE_I = 'DeepFloyd/IF-I-XL-v1.0'
 IF_STAGE_II = 'DeepFloyd/IF-II-L-v1.0'
-WRAPPER_PREFIXES = ('_orig_mod.', 'module.')  # torch.compile and DDP wrappers in saved key names
 
 
 class ModelLoadError(ValueError):
@@ -193,15 +192,7 @@ def check_embeds(embeds, unet, source):
 
 def strip_wrapper_prefixes(state_dict):
     """Remove torch.compile / DDP prefixes (`_orig_mod.`, `module.`, in any nesting) from key names."""
-    def strip(key):
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        return key
-    return {strip(k): v for k, v in state_dict.items()}
+    return {unwrapped_name(k): v for k, v in state_dict.items()}
 
 
 def load_unet_state_dict(unet, path):
