@@ -16,6 +16,7 @@ file there or pass its path with --detector. The computation lives in `training.
 import contextlib
 import json
 import os
+import re
 import time
 
 import click
@@ -89,11 +90,19 @@ sampling_mask_options = _options(
 
 @contextlib.contextmanager
 def one_line_errors():
-    """Library errors (bad paths, missing files, too few images) as click's one-line `Error: ...`."""
+    """Library errors (bad paths, missing files, too few images) as click's one-line `Error: ...`; a DataLoader
+    worker's error, whose text is the worker's traceback, is reduced to its last line, the message."""
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from None
+        message = ([line for line in str(err).splitlines() if line.strip()] or [type(err).__name__])[-1]
+        raise click.ClickException(re.sub(r'^[\w.]*(Error|Exception): ', '', message)) from None
+
+
+def check_subset_seed(opts):
+    """`--seed` only picks the `--max_size` subset: giving it alone is a mistake worth a one-line error."""
+    if opts.seed != 0 and opts.max_size is None:
+        raise click.BadParameter('--seed only chooses the --max_size subset; add --max_size or drop --seed', param_hint='--seed')
 
 
 def load_detector(opts):
@@ -258,8 +267,7 @@ def ref(dry_run, **kwargs):
     if dry_run:
         click.echo(json.dumps(opts, indent=2))
         return
-    if opts.seed != 0 and opts.max_size is None:
-        raise click.BadParameter('--seed only chooses the --max_size subset; add --max_size or drop --seed', param_hint='--seed')
+    check_subset_seed(opts)
     dist.init()
     with one_line_errors():
         detector = load_detector(opts)

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import pickle
-import re
 import zipfile
 
 import click
@@ -43,6 +42,7 @@ import tqdm
 
 import dnnlib
 from dnnlib.util import atomic_write
+from eval import check_subset_seed, one_line_errors
 from torch_utils import distributed as dist
 from torch_utils.images import make_grid, save_png, to_uint8
 from training.dataset import ImageFolderDataset
@@ -448,17 +448,6 @@ def find_neighbors(opts):
 # ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def one_line_errors():
-    """Bad paths, images and models as click's one-line `Error: ...` (a DataLoader worker's error included,
-    whose text is the worker's traceback: its last line is the message)."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as err:
-        message = ([line for line in str(err).splitlines() if line.strip()] or [type(err).__name__])[-1]
-        raise click.ClickException(re.sub(r'^[\w.]*(Error|Exception): ', '', message)) from None
-
-
 @click.command()
 @click.option('--input_dir',     help='Generated images (searched recursively)',            metavar='DIR',   type=str, required=True)
 @click.option('--output_dir',    help='Where the results go',                              metavar='DIR',   type=str, required=True)
@@ -481,8 +470,7 @@ def main(dry_run, **kwargs):
     if dry_run:
         click.echo(json.dumps(opts, indent=2))
         return
-    if opts.seed != 0 and opts.max_size is None:
-        raise click.BadParameter('--seed only chooses the --max_size subset; add --max_size or drop --seed', param_hint='--seed')
+    check_subset_seed(opts)
     dist.init()
     if dist.get_rank() != 0:
         import transformers
