@@ -3,15 +3,24 @@
     python bench/bench_train.py                          # small and demo configs on CPU
     python bench/bench_train.py --configs=ddpmpp32 --steps=3
     python bench/bench_train.py --device=cuda --configs=ddpmpp32,small --fp16=True
+    python bench/bench_train.py --configs=small --variants=eager,compiled,original
 
 Configs are train.py command lines, turned into the network, loss and optimizer exactly as train.py does:
   ddpmpp32  EDM's CIFAR-10 DDPM++ (128 channels, [2,2,2], 4 blocks, attention at 16), gated, RGB 32x32, batch 8
   small     the original's small gated config (cbase 32, cres 1,2,2,2), RGB 32x32, batch 8
   demo      the `make demo` config (see demo.py), grayscale 32x32
+Variants:
+  eager     our network as train.py builds it (fused gated convolutions, sigmoid gate, C outputs)
+  compiled  the same under torch.compile (train.py --compile=True)
+  original  the original's formulation on the same machine: double-sigmoid gate computed with two separate
+            convolutions, 2C outputs, and torch.compile, which the original always applies
+The first step of a compiled variant includes compilation; inductor caches its kernels on disk
+(TORCHINDUCTOR_CACHE_DIR), so a rerun on the same machine compiles in seconds. `first s` shows it.
 Data are random images with dust masks (p = 0.6, δ = 0.1), so the step cost excludes image decoding.
 Each config runs in a fresh process; peak memory is that process's peak RSS (CPU) or peak allocated memory (CUDA).
 """
 
+import contextlib
 import os
 import resource
 import statistics
@@ -40,18 +49,27 @@ def _config_args(name):
     return CONFIGS[name]
 
 
-def measure(name, device, steps, warmup, threads, fp16):
+VARIANTS = ('eager', 'compiled', 'original')
+
+
+def measure(name, variant, device, steps, warmup, threads, fp16):
     import dnnlib
     import train
+    from bench.bench_network import separate_gate_convolutions
     from torch_utils.ambient_diffusion import MaskCorruption
     torch.set_num_threads(threads)
     args, channels, batch = _config_args(name)
+    if variant == 'original':
+        args = [*args, '--gate=double_sigmoid']
     ctx = train.main.make_context('train', ['--outdir=unused', '--data=unused', f'--batch={batch}', f'--fp16={fp16}',
                                             '--augment=0', *args])
     c = train.build_config(dnnlib.EasyDict(ctx.params))
     device = torch.device(device)
     kw = dict(c.network_kwargs, img_resolution=32, img_channels=2 * channels, label_dim=0)
+    if variant == 'original':
+        kw['out_channels'] = 2 * channels
     net = dnnlib.util.construct_class_by_name(**kw).train().to(device)
+    model = torch.compile(net) if variant in ('compiled', 'original') else net
     ema = dnnlib.util.construct_class_by_name(**kw).eval().requires_grad_(False).to(device)
     loss_fn = dnnlib.util.construct_class_by_name(**c.loss_kwargs)
     opt = dnnlib.util.construct_class_by_name(params=net.parameters(), **c.optimizer_kwargs)
@@ -65,7 +83,7 @@ def measure(name, device, steps, warmup, threads, fp16):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss, _ = loss_fn(net=net, observation=A * x0, mask=A, hat_mask=A_hat, generator=gen)
+        loss, _ = loss_fn(net=model, observation=A * x0, mask=A, hat_mask=A_hat, generator=gen)
         loss.sum().backward()
         opt.step()
         with torch.no_grad():
@@ -73,48 +91,57 @@ def measure(name, device, steps, warmup, threads, fp16):
                 p_ema.lerp_(p, 0.001)
 
     times = []
-    for i in range(warmup + steps):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        if i >= warmup:
+    with separate_gate_convolutions() if variant == 'original' else contextlib.nullcontext():
+        for i in range(1 + warmup + steps):
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+    first, times = times[0], times[1 + warmup:]
     if device.type == 'cuda':
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     params = sum(p.numel() for p in net.parameters())
-    return dict(config=name, params=params, batch=batch, img_s=batch / statistics.median(times),
-                sec_step=statistics.median(times), peak_gib=peak / 2**30)
+    return dict(config=name, variant=variant, params=params, batch=batch, img_s=batch / statistics.median(times),
+                sec_step=statistics.median(times), first=first, peak_gib=peak / 2**30)
 
 
 
 
 @click.command()
 @click.option('--configs', help='Comma-separated configs', default='small,demo', show_default=True)
+@click.option('--variants', help='Comma-separated variants (see above)', default='eager', show_default=True)
 @click.option('--device', help='cpu or cuda', default='cpu', show_default=True)
 @click.option('--steps', help='Timed optimizer steps', type=click.IntRange(min=1), default=5, show_default=True)
 @click.option('--warmup', help='Untimed steps first', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--threads', help='torch threads', type=click.IntRange(min=1), default=os.cpu_count(), show_default=True)
 @click.option('--fp16', help='Mixed precision (CUDA only)', type=bool, default=False, show_default=True)
-def main(configs, device, steps, warmup, threads, fp16):
+def main(configs, variants, device, steps, warmup, threads, fp16):
     """Print a table of training images/s and peak memory."""
     names = [c for c in configs.split(',') if c]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise click.BadParameter(f'unknown config(s) {unknown}; choose from {sorted(CONFIGS)}')
+    kinds = [v for v in variants.split(',') if v]
+    unknown = [v for v in kinds if v not in VARIANTS]
+    if unknown or not kinds:
+        raise click.BadParameter(f'variants={variants!r}; choose from {",".join(VARIANTS)}', param_hint='--variants')
     print(f'device={device} threads={threads} steps={steps} warmup={warmup} fp16={fp16}')
-    print(f'{"config":<10} {"params":>10} {"batch":>5} {"img/s":>8} {"s/step":>8} {"peak GiB":>9}')
+    print(f'{"config":<10} {"variant":<9} {"params":>10} {"batch":>5} {"img/s":>8} {"s/step":>8} {"first s":>8} '
+          f'{"peak GiB":>9}')
     for name in names:
-        r = run_isolated(measure, name=name, device=device, steps=steps, warmup=warmup, threads=threads, fp16=fp16)
-        if 'error' in r:
-            print(f'{name:<10} error: {r["error"]}')
-            continue
-        print(f'{r["config"]:<10} {r["params"] / 1e6:>9.2f}M {r["batch"]:>5} {r["img_s"]:>8.2f} {r["sec_step"]:>8.3f} '
-              f'{r["peak_gib"]:>9.2f}')
+        for variant in kinds:
+            r = run_isolated(measure, name=name, variant=variant, device=device, steps=steps, warmup=warmup,
+                             threads=threads, fp16=fp16)
+            if 'error' in r:
+                print(f'{name:<10} {variant:<9} error: {r["error"]}')
+                continue
+            print(f'{r["config"]:<10} {r["variant"]:<9} {r["params"] / 1e6:>9.2f}M {r["batch"]:>5} {r["img_s"]:>8.2f} '
+                  f'{r["sec_step"]:>8.3f} {r["first"]:>8.1f} {r["peak_gib"]:>9.2f}')
 
 
 if __name__ == '__main__':

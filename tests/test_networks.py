@@ -117,6 +117,24 @@ def test_gated_conv_equals_two_convolutions(gate, case):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.parametrize('gate', ['sigmoid', 'double_sigmoid'])
+@pytest.mark.parametrize('case', [dict(kernel=3), dict(kernel=3, bias=False), dict(kernel=3, up=True),
+                                  dict(kernel=3, down=True, fused_resample=True)],
+                         ids=lambda c: '-'.join(f'{k}={v}' for k, v in c.items()))
+def test_gated_conv_under_torch_compile(gate, case):
+    """The plain-op path taken while compiling gives the eager layer's output and gradients, in one graph."""
+    torch.manual_seed(1)
+    layer = Conv2d(4, 6, init_bias=0.3, gate=gate, **case)
+    x = randn(2, 4, 8, 8).requires_grad_(True)
+    params = [p for p in (layer.weight, layer.gate_weight, layer.bias) if p is not None]
+    compiled = torch.compile(layer, backend='aot_eager', fullgraph=True)
+    y, y_eager = compiled(x), layer(x)
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-6)
+    gy = randn(*y.shape, seed=3)
+    for g, e in zip(torch.autograd.grad(y, [x, *params], gy), torch.autograd.grad(y_eager, [x, *params], gy)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
 @pytest.mark.parametrize('double_sigmoid', [False, True])
 def test_gated_product_gradcheck(double_sigmoid):
     y = randn(2, 6, 3, 3, dtype=torch.float64).requires_grad_(True)
@@ -343,6 +361,17 @@ def test_forward_shapes(arch, resolution):
     plain = build(arch=arch, resolution=resolution, img_channels=6, out_channels=6, **extra)
     assert plain(x, sigma).shape == (2, 6, resolution, resolution)  # non-ambient: all channels, as the original
 
+
+
+@pytest.mark.parametrize('arch', list(ARCHS))
+def test_networks_compile_as_one_graph(arch):
+    """train.py --compile: no graph breaks (each would split the network and add recompilations)."""
+    torch._dynamo.reset()
+    net = build(arch=arch, img_channels=6, ambient=True, gate='double_sigmoid', label_dim=2, augment_dim=3).train()
+    explanation = torch._dynamo.explain(net)(randn(2, 6, 16, 16), torch.tensor([0.5, 2.0]), torch.eye(2),
+                                             augment_labels=randn(2, 3))
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
 
 @pytest.mark.parametrize('arch', list(ARCHS))
 def test_gradients_flow_everywhere(arch):

@@ -130,6 +130,12 @@ class Conv2d(torch.nn.Module):
         if self.gate_weight is None:
             return torch.nn.functional.conv2d(x, w, bias, padding=padding)
         y = torch.nn.functional.conv2d(x, w, padding=padding)
+        if torch.compiler.is_compiling():
+            # Plain ops for torch.compile: it fuses them and picks what to save for backward itself.
+            h, a = y.chunk(2, dim=1)
+            g = torch.sigmoid(a)
+            g = torch.sigmoid(g) if self.gate == 'double_sigmoid' else g
+            return h * g if bias is None else torch.addcmul(bias.reshape(1, -1, 1, 1), h, g)
         return _GatedProduct.apply(y, bias, self.gate == 'double_sigmoid')
 
     def forward(self, x):
@@ -205,7 +211,7 @@ class UNetBlock(torch.nn.Module):
         self.emb_channels = emb_channels
         self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
         self.dropout = dropout
-        self.skip_scale = skip_scale
+        self.skip_scale = float(skip_scale)
         self.adaptive_scale = adaptive_scale
 
         self.norm0 = GroupNorm(in_channels, eps=eps)
