@@ -5,6 +5,7 @@
         --seeds=0-49999 --ref=stats.npz --num_images=50000
     python eval.py ref --data=data.zip --dest=stats.npz
     python eval.py fid --images=out/images --ref=stats.npz --num=50000
+    python eval.py denoise --network=runs/00000-... --data=clean.zip --outdir=out   # error on hidden pixels per σ
     torchrun --standalone --nproc_per_node=8 eval.py fid --images=out/images --ref=stats.npz
 
 Reference statistics use EDM's `.npz` format (`mu`, `sigma`), so EDM's published references
@@ -26,12 +27,14 @@ import torch
 import tqdm
 
 import dnnlib
+from dnnlib.util import atomic_write
 from torch_utils import checkpoints
 from torch_utils import distributed as dist
 from torch_utils.ambient_diffusion import MaskCorruption
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
 from training import metrics, samplers
+from training.dataset import ImageFolderDataset
 from training.training_loop import kimg_tag
 
 WANDB_PROJECT = 'ambient_diffusion'
@@ -320,6 +323,109 @@ def generate(dry_run, **kwargs):
             time.sleep(opts.poll)
     dist.print0('Done.')
 
+
+DEFAULT_SIGMAS = '0.002,0.005,0.01,0.02,0.05,0.1,0.2,0.5,1,2,5,10'
+
+
+def _parse_sigmas(ctx, param, value):
+    try:
+        sigmas = sorted({float(item) for item in value.split(',') if item.strip()})
+    except ValueError:
+        raise click.BadParameter(f'{value!r}: expected comma-separated numbers, e.g. {DEFAULT_SIGMAS}') from None
+    if not sigmas or sigmas[0] <= 0:
+        raise click.BadParameter(f'{value!r}: noise levels must be positive')
+    return sigmas
+
+
+def denoising_error_curve(net, info, dataset, seeds, sigmas, corruption, batch, device):
+    """Per σ: mean squared error of D on the pixels the network sees and on those hidden from it (NaN if none)."""
+    totals = None
+    for start in tqdm.tqdm(range(0, len(seeds), batch), unit='batch', desc=f'kimg {info.kimg}', leave=False):
+        chunk = seeds[start:start + batch]
+        x0 = torch.stack([dataset[s][0] for s in chunk]).to(device)
+        part = samplers.denoising_error(net, x0, chunk, sigmas, corruption=corruption)
+        totals = part if totals is None else {k: np.add(totals[k], part[k]).tolist() for k in part}
+    mean = lambda sums, count: [x / count if count else float('nan') for x in sums]  # noqa: E731
+    return dict(network=info.path, kimg=info.kimg, sigmas=sigmas, num_images=len(seeds),
+                mse_visible=mean(totals['visible'], totals['num_visible']),
+                mse_hidden=mean(totals['hidden'], totals['num_hidden']),
+                hidden_fraction=totals['num_hidden'] / (totals['num_hidden'] + totals['num_visible']))
+
+
+def plot_denoising_error(path, rows):
+    """Log-log plot of the errors against σ, one colour per snapshot: hidden pixels solid, visible dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, row in enumerate(rows):
+        color = f'C{i % 10}'
+        name = f'kimg {row["kimg"]:g}' if row['kimg'] is not None else os.path.basename(row['network'])
+        if not all(np.isnan(row['mse_hidden'])):
+            ax.plot(row['sigmas'], row['mse_hidden'], '-o', color=color, markersize=3, label=f'{name}, hidden')
+        ax.plot(row['sigmas'], row['mse_visible'], '--', color=color, label=f'{name}, visible')
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('noise level σ')
+    ax.set_ylabel('mean squared error of D(x; σ)')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png')
+
+
+@cli.command()
+@click.option('--network',          help='Snapshot (.pt of ours, .pkl of the original) or run directory', metavar='PATH|DIR', type=str, required=True)
+@click.option('--latest',           help='Only the newest snapshot of a run directory', is_flag=True)
+@click.option('--training_options', help='training_options.json of an original .pkl  [default: next to it]', metavar='JSON', type=str)
+@click.option('--allow_unsafe_pickle', help='Let a network pickle run the code it embeds (trusted files only)', is_flag=True)
+@click.option('--data',             help='Clean images (folder or zip made by dataset_tool.py)', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--outdir',           help='Where denoising-error.jsonl and denoising-error.png go', metavar='DIR', type=str, required=True)
+@click.option('--seeds',            help='Images i (dataset index i, seed i of mask and noise)', metavar='LIST', type=parse_int_list, default='0-63', show_default=True)
+@click.option('--sigmas',           help='Noise levels', metavar='LIST', type=str, default=DEFAULT_SIGMAS, show_default=True, callback=_parse_sigmas)
+@click.option('--batch',            help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@sampling_mask_options
+@click.option('--corruption_pattern', help='Mask pattern  [default: the training one]', type=click.Choice(['dust', 'box', 'fixed_box', 'keep_patch']))
+@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
+def denoise(dry_run, **kwargs):
+    """Denoising error per noise level on the pixels the network sees and on those hidden from it.
+
+    For an ambient network, D = c_out(σ)·F on hidden pixels, so it must output x0/c_out there. Where the
+    hidden error rises as σ falls, the network no longer predicts them: sample with --sigma_min above it.
+    """
+    opts = dnnlib.EasyDict(kwargs, num_masks=1)
+    if dry_run:
+        click.echo(json.dumps(opts, indent=2))
+        return
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    with one_line_errors():
+        dataset = ImageFolderDataset(opts.data, mode='clean')
+        if max(opts.seeds) >= len(dataset) or min(opts.seeds) < 0:
+            raise click.BadParameter(f'{opts.data} holds {len(dataset)} images; pass --seeds within 0-{len(dataset) - 1}',
+                                     param_hint='--seeds')
+        rows = []
+        for path in checkpoints.resolve_networks(opts.network, latest=opts.latest):
+            net, info = checkpoints.load_network(path, device=device, training_options=opts.training_options,
+                                                 allow_unsafe_pickle=opts.allow_unsafe_pickle)
+            channels = net.img_channels // 2 if info.ambient else net.img_channels
+            shape = [channels, net.img_resolution, net.img_resolution]
+            if dataset.image_shape != shape:
+                raise click.ClickException(f'{opts.data} holds images of shape {dataset.image_shape} but {path} '
+                                           f'denoises {shape}; convert the data with dataset_tool.py')
+            corruption = sampling_corruption(info, opts)
+            rows.append(denoising_error_curve(net, info, dataset, opts.seeds, opts.sigmas, corruption, opts.batch, device))
+            row = rows[-1]
+            click.echo(f'\n{path} (kimg {info.kimg}); {row["hidden_fraction"]:.1%} of pixels hidden from the network')
+            click.echo(f'{"sigma":>8} {"MSE visible":>12} {"MSE hidden":>12}')
+            for sigma, vis, hid in zip(row['sigmas'], row['mse_visible'], row['mse_hidden']):
+                click.echo(f'{sigma:>8g} {vis:>12.5f} {hid:>12.5f}')
+        os.makedirs(opts.outdir, exist_ok=True)
+        with atomic_write(os.path.join(opts.outdir, 'denoising-error.jsonl'), 'w') as f:
+            f.writelines(json.dumps(row) + '\n' for row in rows)
+        plot_denoising_error(os.path.join(opts.outdir, 'denoising-error.png'), rows)
+        click.echo(f'\nWrote {opts.outdir}/denoising-error.jsonl and denoising-error.png')
 
 main = cli
 

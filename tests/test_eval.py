@@ -126,3 +126,35 @@ def test_two_processes_write_the_same_images(run_dir, tmp_path):
     assert [os.path.basename(p) for p in one] == [os.path.basename(p) for p in two]
     for a, b in zip(one, two):
         assert np.array_equal(np.array(PIL.Image.open(a)), np.array(PIL.Image.open(b))), a
+
+
+def test_denoise_error_per_sigma(run_dir, tmp_path):
+    data = run_dir.parent / 'data.zip'
+    out = tmp_path / 'err'
+    result = invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', data, '--outdir', out, '--seeds=0-5',
+                                   '--sigmas=1,0.1', '--batch=4'])
+    assert 'MSE hidden' in result.output
+    rows = [json.loads(line) for line in open(out / 'denoising-error.jsonl')]
+    assert [row['kimg'] for row in rows] == sorted(row['kimg'] for row in rows) and len(rows) == 2  # every snapshot
+    for row in rows:
+        assert row['sigmas'] == [0.1, 1.0] and row['num_images'] == 6
+        assert all(np.isfinite(row['mse_visible'])) and all(np.isfinite(row['mse_hidden']))
+        assert 0.4 < row['hidden_fraction'] < 0.7  # p = 0.5 and δ from training: 1 − 0.5·(1 − δ)
+    assert PIL.Image.open(out / 'denoising-error.png').size[0] > 100
+    # The batch does not change the numbers.
+    invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', data, '--outdir', tmp_path / 'b', '--seeds=0-5',
+                          '--sigmas=1,0.1', '--batch=6'])
+    other = [json.loads(line) for line in open(tmp_path / 'b' / 'denoising-error.jsonl')]
+    for a, b in zip(rows, other):
+        np.testing.assert_allclose(a['mse_hidden'], b['mse_hidden'], rtol=1e-5)
+        np.testing.assert_allclose(a['mse_visible'], b['mse_visible'], rtol=1e-5)
+    result = invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', data, '--outdir', out, '--seeds=0-20'],
+                    expect_ok=False)
+    assert result.exit_code != 0 and 'holds 8 images' in result.output
+    result = invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', data, '--outdir', out, '--sigmas=0,1'],
+                    expect_ok=False)
+    assert result.exit_code != 0 and 'positive' in result.output
+    small = write_edm_dataset(tmp_path / 'small.zip', random_images(4, channels=3, resolution=8, seed=1))
+    result = invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', small, '--outdir', out, '--seeds=0-3'],
+                    expect_ok=False)
+    assert result.exit_code != 0 and 'dataset_tool.py' in result.output and 'Traceback' not in result.output

@@ -471,3 +471,48 @@ def test_ambient_sampler_rejects_mismatched_inputs():
         samplers.ambient_sampler(GaussianNet(0.0, 0.5), latents, ones_masks(latents))
     with pytest.raises(ValueError, match='ambient_sampler'):
         samplers.edm_sampler(net, latents)
+
+
+# ----------------------------------------------------------------------------
+# Denoising error per σ on visible and hidden pixels.
+
+
+def test_denoising_error_against_closed_form():
+    """Gaussian prior: hidden pixels get the prior mean μ (error (μ − x0)², exact); visible pixels the posterior
+    mean, whose expected squared error is (σ⁴(μ − x0)² + s⁴σ²)/(s² + σ²)²."""
+    mu, s = 0.2, 0.5
+    net = GaussianNet(mu, s, channels=1, resolution=16, ambient=True).eval()
+    x0 = torch.rand([16, 1, 16, 16], generator=torch.Generator().manual_seed(0)) * 2 - 1
+    corruption = MaskCorruption('dust', 0.6, 0.1)
+    seeds = list(range(16))
+    sigmas = [0.05, 0.5, 2.0]
+    result = samplers.denoising_error(net, x0, seeds, sigmas, corruption=corruption)
+    assert result['num_visible'] + result['num_hidden'] == x0.numel()
+    assert abs(result['num_hidden'] / x0.numel() - (1 - 0.4 * 0.9)) < 0.03
+    hidden_error = result['hidden'][0]
+    assert result['hidden'] == pytest.approx([hidden_error] * 3, rel=1e-6)  # does not depend on σ
+    rnd = samplers.StackedRandomGenerator('cpu', seeds)  # the masks come first from the per-seed generators
+    mask = samplers.sample_masks(corruption, x0.shape, 1, rnd.generators)[:, 0]
+    assert hidden_error == pytest.approx(float(((mu - x0) ** 2 * (1 - mask)).sum()), rel=1e-5)
+    for sigma, visible in zip(sigmas, result['visible']):
+        expected = float((((sigma ** 4 * (mu - x0) ** 2 + s ** 4 * sigma ** 2) / (s ** 2 + sigma ** 2) ** 2) * mask).sum())
+        assert visible == pytest.approx(expected, rel=0.15)
+
+
+def test_denoising_error_is_batch_independent_and_clean_nets_hide_nothing():
+    net = GaussianNet(0.0, 0.5, channels=1, resolution=8, ambient=True).eval()
+    x0 = torch.rand([6, 1, 8, 8], generator=torch.Generator().manual_seed(1)) * 2 - 1
+    corruption = MaskCorruption('dust', 0.5, 0.1)
+    whole = samplers.denoising_error(net, x0, range(6), [0.1, 1.0], corruption=corruption)
+    parts = [samplers.denoising_error(net, x0[i:i + 3], range(i, i + 3), [0.1, 1.0], corruption=corruption)
+             for i in (0, 3)]
+    for key in ('visible', 'hidden', 'num_visible', 'num_hidden'):
+        np.testing.assert_allclose(np.add(parts[0][key], parts[1][key]), whole[key], rtol=1e-5)
+    clean = samplers.denoising_error(GaussianNet(0.0, 0.5, channels=1, resolution=8).eval(), x0, range(6), [0.1])
+    assert clean['num_hidden'] == 0 and clean['hidden'] == [0.0] and clean['num_visible'] == x0.numel()
+    with pytest.raises(ValueError, match='needs corruption'):
+        samplers.denoising_error(net, x0, range(6), [0.1])
+    with pytest.raises(ValueError, match='positive'):
+        samplers.denoising_error(net, x0, range(6), [0.0], corruption=corruption)
+    with pytest.raises(ValueError, match='one seed per image'):
+        samplers.denoising_error(net, x0, range(5), [0.1], corruption=corruption)

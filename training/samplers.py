@@ -400,6 +400,44 @@ def generate_batch(net, seeds, corruption=None, class_labels=None, device=None, 
         images = ambient_sampler(net, latents, masks, labels, randn_like=rnd.randn_like, **sampler_kwargs)
     return images.clamp(-1, 1).to(torch.float32)
 
+def denoising_error(net, images, seeds, sigmas, corruption=None, class_labels=None):
+    """Mean squared error of D(x0 + σn; σ) against x0 at each σ, split into the pixels the network sees and, for
+    ambient networks, those it cannot see: how far down in σ a network predicts hidden pixels (pick the
+    sampler's sigma_min above where the hidden error rises).
+
+    images: clean x0 [N, C, H, W] in [−1, 1]; seeds: N seeds, whose `StackedRandomGenerator` draws the sampling
+    mask M (from `corruption`, ambient networks only) and then one noise image per σ, so the result does not
+    depend on the batch. class_labels as for `generate_batch`. Returns {'visible': [S], 'hidden': [S]}: per σ
+    the sums of squared errors over the N images on pixels with M = 1 and M = 0, and 'num_visible' /
+    'num_hidden' (pixel counts), so that batches can be added up; clean networks see every pixel.
+    """
+    if isinstance(net, torch.nn.Module) and net.training:
+        raise ValueError('the network is in training mode (dropout active); call net.eval() first')
+    sigmas = [float(s) for s in sigmas]
+    if not sigmas or min(sigmas) <= 0:
+        raise ValueError(f'sigmas={sigmas}: pass one or more positive noise levels')
+    x0 = images.to(torch.float32)
+    rnd = StackedRandomGenerator(x0.device, seeds)
+    if len(rnd.seeds) != x0.shape[0]:
+        raise ValueError(f'{len(rnd.seeds)} seeds for {x0.shape[0]} images; pass one seed per image')
+    labels = _class_labels(net, class_labels, rnd, x0.shape[0], x0.device)
+    if getattr(net, 'ambient', False):
+        if corruption is None:
+            raise ValueError('an ambient network needs corruption=MaskCorruption(...) to draw its masks')
+        mask = sample_masks(corruption, x0.shape, 1, rnd.generators)[:, 0].to(x0.device)
+        denoise = ambient_denoiser(net, mask, labels)
+    else:
+        mask = torch.ones_like(x0)
+        denoise = lambda x, sigma: net(x, sigma, labels).to(torch.float32)  # noqa: E731
+    visible, hidden = [], []
+    with torch.no_grad():
+        for sigma in sigmas:
+            noise = rnd.randn(x0.shape, device=x0.device)
+            error = (denoise(x0 + sigma * noise, torch.full([x0.shape[0]], sigma, device=x0.device)) - x0).square()
+            visible.append(float((error * mask).sum()))
+            hidden.append(float((error * (1 - mask)).sum()))
+    return dict(visible=visible, hidden=hidden, num_visible=float(mask.sum()), num_hidden=float((1 - mask).sum()))
+
 #----------------------------------------------------------------------------
 # DPS for inverse problems (Chung et al. 2023, "Diffusion Posterior Sampling"; Daras et al. 2023, Sec. 5).
 
