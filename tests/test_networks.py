@@ -136,12 +136,20 @@ def test_gated_conv_under_torch_compile(gate, case):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 @pytest.mark.parametrize('double_sigmoid', [False, True])
-def test_gated_product_gradcheck(double_sigmoid):
-    y = randn(2, 6, 3, 3, dtype=torch.float64).requires_grad_(True)
-    bias = randn(3, seed=1, dtype=torch.float64).requires_grad_(True)
-    gate = networks._GatedProduct.apply
-    assert torch.autograd.gradcheck(lambda y, b: gate(y, b, double_sigmoid), (y, bias))
-    assert torch.autograd.gradcheck(lambda y: gate(y, None, double_sigmoid), (y,))
+def test_gated_conv_gradcheck(double_sigmoid):
+    x = randn(2, 3, 5, 5, dtype=torch.float64).requires_grad_(True)
+    weight = randn(2, 3, 3, 3, seed=1, dtype=torch.float64).requires_grad_(True)
+    gate_weight = randn(2, 3, 3, 3, seed=2, dtype=torch.float64).requires_grad_(True)
+    bias = randn(2, seed=3, dtype=torch.float64).requires_grad_(True)
+    conv = networks._GatedConv.apply
+    assert torch.autograd.gradcheck(lambda *a: conv(*a, 1, double_sigmoid), (x, weight, gate_weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: conv(*a, None, 0, double_sigmoid), (x, weight, gate_weight))
+    # Without an input gradient (the first layer), the weights still get theirs.
+    y = conv(x.detach(), weight, gate_weight, None, 1, double_sigmoid)
+    gw, gwg = torch.autograd.grad(y.sum(), (weight, gate_weight))
+    expected = torch.autograd.grad(conv(x, weight, gate_weight, None, 1, double_sigmoid).sum(), (weight, gate_weight))
+    torch.testing.assert_close(gw, expected[0])
+    torch.testing.assert_close(gwg, expected[1])
 
 
 def test_conv_matches_plain_torch_ops():
