@@ -83,6 +83,15 @@ sampler_options = _options(
 )
 
 
+# The network to load, for commands without a detector (denoise here, solve_inverse_problems.py).
+network_options = _options(
+    click.option('--network',          help='Snapshot (.pt of ours, .pkl of the original) or run directory', metavar='PATH|DIR', type=str, required=True),
+    click.option('--latest',           help='Only the newest snapshot of a run directory', is_flag=True),
+    click.option('--training_options', help='training_options.json of an original .pkl  [default: next to it]', metavar='JSON', type=str),
+    click.option('--allow_unsafe_pickle', help='Let a network pickle run the code it embeds (trusted files only)', is_flag=True),
+)
+
+
 # Overrides of the sampler's masks (default: the snapshot's training corruption); shared with solve_inverse_problems.py.
 sampling_mask_options = _options(
     click.option('--corruption_probability', help='p of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True)),
@@ -377,10 +386,7 @@ def plot_denoising_error(path, rows):
 
 
 @cli.command()
-@click.option('--network',          help='Snapshot (.pt of ours, .pkl of the original) or run directory', metavar='PATH|DIR', type=str, required=True)
-@click.option('--latest',           help='Only the newest snapshot of a run directory', is_flag=True)
-@click.option('--training_options', help='training_options.json of an original .pkl  [default: next to it]', metavar='JSON', type=str)
-@click.option('--allow_unsafe_pickle', help='Let a network pickle run the code it embeds (trusted files only)', is_flag=True)
+@network_options
 @click.option('--data',             help='Clean images (folder or zip made by dataset_tool.py)', metavar='ZIP|DIR', type=str, required=True)
 @click.option('--outdir',           help='Where denoising-error.jsonl and denoising-error.png go', metavar='DIR', type=str, required=True)
 @click.option('--seeds',            help='Images i (dataset index i, seed i of mask and noise)', metavar='LIST', type=parse_int_list, default='0-63', show_default=True)

@@ -231,10 +231,7 @@ def solve(opts):
 
 
 @click.command()
-@click.option('--network',            help='Snapshot (.pt of ours, .pkl of the original) or run directory', metavar='PATH|DIR', type=str, required=True)
-@click.option('--latest',             help='Only the newest snapshot of a run directory', is_flag=True)
-@click.option('--training_options',   help='training_options.json of an original .pkl  [default: next to it]', metavar='JSON', type=str)
-@click.option('--allow_unsafe_pickle', help='Let a network pickle run the code it embeds (trusted files only)', is_flag=True)
+@eval_cli.network_options
 @click.option('--outdir',             help='Where to save the results', metavar='DIR', type=str, required=True)
 @click.option('--measurements_path',  help='Ground-truth images (folder or zip made by dataset_tool.py)', metavar='DIR|ZIP', type=str, required=True)
 @click.option('--seeds',              help='Images i (dataset index i, seed i), e.g. 0-15', metavar='LIST', type=parse_int_list, default='0-15', show_default=True)
