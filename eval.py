@@ -208,7 +208,7 @@ def sampling_corruption(info, opts):
     if not info.ambient:
         given = [k for k in ('corruption_pattern', 'corruption_probability', 'delta_probability', 'mask_full_rgb')
                  if opts[k] is not None]
-        if given or opts.num_masks != 1:
+        if given or opts.get('num_masks', 1) != 1:
             raise click.ClickException(f'{info.path} is a clean (non-ambient) network: --{", --".join(given or ["num_masks"])} '
                                        'do not apply')
         return None
@@ -401,7 +401,7 @@ def denoise(dry_run, **kwargs):
     For an ambient network, D = c_out(σ)·F on hidden pixels, so it must output x0/c_out there. Where the
     hidden error rises as σ falls, the network no longer predicts them: sample with --sigma_min above it.
     """
-    opts = dnnlib.EasyDict(kwargs, num_masks=1)
+    opts = dnnlib.EasyDict(kwargs)
     if dry_run:
         click.echo(json.dumps(opts, indent=2))
         return
