@@ -124,6 +124,7 @@ def test_gated_conv_equals_two_convolutions(gate, case):
                          ids=lambda c: '-'.join(f'{k}={v}' for k, v in c.items()))
 def test_gated_conv_under_torch_compile(gate, case):
     """The plain-op path taken while compiling gives the eager layer's output and gradients, in one graph."""
+    torch._dynamo.reset()  # each case compiles afresh instead of running eager past the recompile limit
     torch.manual_seed(1)
     layer = Conv2d(4, 6, init_bias=0.3, gate=gate, **case)
     x = randn(2, 4, 8, 8).requires_grad_(True)
