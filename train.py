@@ -24,6 +24,7 @@ from training import training_loop
 ARCHS = ('ddpmpp', 'ncsnpp', 'adm')
 PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've')
 AMBIENT_PRECONDS = ('ambient', 'ambient_vp')
+MASK_AWARE_COND_SIGMA_MIN = 0.1  # about the 18th percentile of EDM's training σ (ln σ ~ N(-1.2, 1.2²))
 
 
 class ConfigError(click.ClickException):
@@ -52,6 +53,14 @@ def _network_kwargs(opts):
         kw.attn_resolutions = opts.attn
     kw.update(dropout=opts.dropout, use_fp16=opts.fp16, ambient=opts.precond in AMBIENT_PRECONDS,
         gate=opts.gate if opts.gated else 'none')
+    if opts.precond in AMBIENT_PRECONDS:
+        kw.hidden_precond = opts.hidden_precond or 'mask_aware'
+    # The floor comes with the mask-aware preconditioning, where hidden pixels are F itself.
+    cond_sigma_min = opts.cond_sigma_min
+    if cond_sigma_min is None:
+        cond_sigma_min = MASK_AWARE_COND_SIGMA_MIN if kw.get('hidden_precond') == 'mask_aware' else 0
+    if cond_sigma_min > 0:
+        kw.cond_sigma_min = cond_sigma_min
     return kw
 
 
@@ -59,6 +68,9 @@ def build_config(opts, world_size=1):
     """Options (an EasyDict of the click values) -> training_loop kwargs. Pure: no I/O, no randomness."""
     ambient = opts.precond in AMBIENT_PRECONDS
     if not ambient:
+        if opts.hidden_precond is not None:
+            raise ConfigError(f'--hidden_precond only applies to ambient networks (pixels hidden from the network); '
+                f'--precond={opts.precond} sees every pixel: drop --hidden_precond or use --precond=ambient')
         if opts.norm != 2:
             raise ConfigError(f'--norm={opts.norm} only applies to the ambient losses; use --precond=ambient or ambient_vp')
         if opts.delta_probability > 0 or opts.fixed_hat_mask:
@@ -82,7 +94,7 @@ def build_config(opts, world_size=1):
         've': 'VELoss'}[opts.precond]
     c.loss_kwargs = dnnlib.EasyDict(class_name=f'training.loss.{loss_class}')
     if ambient:
-        c.loss_kwargs.norm = opts.norm
+        c.loss_kwargs.update(norm=opts.norm, hidden_precond=c.network_kwargs.hidden_precond)
     optimizer = 'AdamW' if opts.weight_decay > 0 else 'Adam'
     # fused=True: one kernel for the whole update (fastest on CPU and CUDA alike).
     c.optimizer_kwargs = dnnlib.EasyDict(class_name=f'torch.optim.{optimizer}', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8,
@@ -146,6 +158,8 @@ def _resolve_resume(resume):
 @click.option('--mask_full_rgb',          help='One dust mask per pixel, shared by its channels', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--fixed_hat_mask',         help='Fix the further corruption per image (original behaviour)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--corruption_seed',        help='Seed of the dataset corruption A', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--hidden_precond',         help='Preconditioning of pixels hidden from the network: mask_aware (per pixel, unit-variance targets) or original (the original code\'s)  [default: mask_aware]', type=click.Choice(['mask_aware', 'original']))
+@click.option('--cond_sigma_min',         help='Smallest noise level the network is told: c_noise uses max(σ, this); 0 = σ itself  [default: 0.1 with mask_aware, else 0]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--norm',                   help='Loss norm: 2 squared, 1 absolute', metavar='INT', type=click.Choice(['1', '2']), default='2', show_default=True, callback=lambda c, p, v: int(v))
 # Hyperparameters.
 @click.option('--duration',     help='Training duration', metavar='MIMG',                        type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)

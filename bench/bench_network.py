@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.isolated import run_isolated  # noqa: E402
-from training import networks  # noqa: E402
+from training import layers, networks  # noqa: E402
 
 CONFIGS = {
     'ddpmpp32': dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13),
@@ -74,13 +74,13 @@ def _two_conv_forward(self, x):
 
 @contextlib.contextmanager
 def separate_gate_convolutions():
-    """Within the block, every networks.Conv2d computes W and Wg with two separate convolutions."""
-    original = networks.Conv2d.forward
-    networks.Conv2d.forward = _two_conv_forward
+    """Within the block, every layers.Conv2d computes W and Wg with two separate convolutions."""
+    original = layers.Conv2d.forward
+    layers.Conv2d.forward = _two_conv_forward
     try:
         yield
     finally:
-        networks.Conv2d.forward = original
+        layers.Conv2d.forward = original
 
 
 # ----------------------------------------------------------------------------

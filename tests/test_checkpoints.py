@@ -221,6 +221,7 @@ def test_original_snapshot_reproduces_the_network(tmp_path, protocol, prefix):
             assert expected.shape == (2, 3, 16, 16)
             assert torch.equal(net(x, sigma, **kwargs), expected)
     assert net.gate == 'double_sigmoid' and net.model.map_augment is not None
+    assert net.hidden_precond == 'original'  # the original's formulation, bit-exact
     assert info.format == 'original' and info.ambient and info.nimg == 100000 and info.kimg == 100
     assert info.corruption == dict(corruption_pattern='dust', corruption_probability=0.8, delta_probability=0.1,
                                    mask_full_rgb=True)
@@ -284,9 +285,12 @@ def test_not_a_snapshot(tmp_path):
 # Our snapshots.
 
 
-def test_our_snapshot_loads(tmp_path):
+@pytest.mark.parametrize('hidden_precond', [None, 'original', 'mask_aware'])
+def test_our_snapshot_loads(tmp_path, hidden_precond):
     kw = dict(class_name='training.networks.EDMPrecond', img_resolution=16, img_channels=2, label_dim=0, ambient=True,
               gate='sigmoid', use_fp16=False, **TINY)
+    if hidden_precond is not None:  # snapshots written before the option existed have no key: 'original'
+        kw['hidden_precond'] = hidden_precond
     ref = randomize(training_loop.build_network(kw))
     corruption = dict(pattern='box', corruption_probability=0.4, delta_probability=0.2, mask_full_rgb=False,
                       corruption_seed=0, hat_seed=1, fixed_hat_mask=False)
@@ -302,6 +306,26 @@ def test_our_snapshot_loads(tmp_path):
     assert info.corruption == dict(corruption_pattern='box', corruption_probability=0.4, delta_probability=0.2,
                                    mask_full_rgb=False)
     assert (info.channels, info.resolution, info.label_dim) == (1, 16, 0)
+    assert net.hidden_precond == (hidden_precond or 'original')
+
+
+@pytest.mark.parametrize('class_name,extra', [
+    ('os.system', dict(command='touch SENTINEL')),
+    ('subprocess.Popen', dict(args=['touch', 'SENTINEL'])),
+    ('training.loss.EDMLoss', {}),                       # a class of ours, but not a network
+    ('training.networks.EDMPrecond.__init__', {}),
+])
+def test_snapshot_naming_a_foreign_class_is_refused(tmp_path, class_name, extra):
+    """A weights-only snapshot names the class to build; only our preconditioners may be built from it."""
+    sentinel = tmp_path / 'PWNED'
+    extra = {k: (v.replace('SENTINEL', str(sentinel)) if isinstance(v, str) else [x.replace('SENTINEL', str(sentinel))
+             for x in v]) for k, v in extra.items()}
+    path = tmp_path / 'network-snapshot-000001.pt'
+    torch.save(dict(format=training_loop.SNAPSHOT_FORMAT, ema={}, nimg=1000,
+                    network_kwargs=dict(class_name=class_name, **extra)), path)
+    with pytest.raises(ValueError, match='not one of the networks'):
+        load_network(path)
+    assert not sentinel.exists()
 
 
 # ----------------------------------------------------------------------------

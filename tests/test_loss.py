@@ -142,13 +142,14 @@ def test_zero_loss_when_denoiser_is_perfect():
     assert EDMLoss()(oracle, x0)[0].abs().max() == 0
 
 
+@pytest.mark.parametrize('hidden_precond', ['original', 'mask_aware'])
 @pytest.mark.parametrize('loss_cls', [AmbientLoss, AmbientVPLoss])
-def test_hidden_pixels_get_zero_gradient(loss_cls):
+def test_hidden_pixels_get_zero_gradient(loss_cls, hidden_precond):
     x0, A, A_hat = batch(p=0.6)
     x0 = x0.clone().requires_grad_(True)
     net = Recorder(out_channels=3, in_channels=6)
     # Even an observation that (wrongly) still holds hidden pixels must not leak them.
-    loss, _ = loss_cls()(net, x0, A, A_hat, generator=torch.Generator().manual_seed(0))
+    loss, _ = loss_cls(hidden_precond=hidden_precond)(net, x0, A, A_hat, generator=torch.Generator().manual_seed(0))
     loss.sum().backward()
     assert (x0.grad[A == 0] == 0).all()
     assert (x0.grad[A == 1] != 0).any()
@@ -164,8 +165,11 @@ def test_ambient_vp_weight():
 
 
 def test_config_round_trip():
-    cfg = AmbientLoss(norm=1).to_dict()
-    assert cfg == dict(class_name='training.loss.AmbientLoss', P_mean=-1.2, P_std=1.2, sigma_data=0.5, norm=1)
+    cfg = AmbientLoss(norm=1, hidden_precond='mask_aware').to_dict()
+    assert cfg == dict(class_name='training.loss.AmbientLoss', P_mean=-1.2, P_std=1.2, sigma_data=0.5, norm=1,
+                       hidden_precond='mask_aware')
+    cfg.pop('class_name')
+    assert AmbientLoss(**cfg).to_dict() == AmbientLoss(norm=1, hidden_precond='mask_aware').to_dict()
 
 
 def test_per_sample_generators_make_draws_batch_independent():
@@ -189,13 +193,102 @@ def test_hidden_pixels_get_zero_gradient_with_real_network_and_augmentation(augm
                            translate_frac=1)
     net = EDMPrecond(img_resolution=16, img_channels=6, ambient=True, gated=True, model_type='SongUNet',
                      model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0,
-                     augment_dim=pipe.label_dim if pipe else 0)
+                     augment_dim=pipe.label_dim if pipe else 0, hidden_precond='mask_aware')
     g = torch.Generator().manual_seed(1)
     corruption = MaskCorruption('box', corruption_probability=0.4, delta_probability=0.2)
     A = corruption.sample_mask([4, 3, 16, 16], generator=g)
     A_hat = corruption.sample_hat_mask(A, generator=g)
     x0 = (torch.rand(4, 3, 16, 16, generator=g) * 2 - 1).requires_grad_(True)
-    loss, _ = AmbientLoss()(net, x0, A, A_hat, augment_pipe=pipe, generator=torch.Generator().manual_seed(2))
+    loss, _ = AmbientLoss(hidden_precond='mask_aware')(net, x0, A, A_hat, augment_pipe=pipe,
+                                                       generator=torch.Generator().manual_seed(2))
     loss.sum().backward()
     assert (x0.grad[A == 0] == 0).all()
     assert (x0.grad[A == 1] != 0).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask-aware weighting.
+
+
+@pytest.mark.parametrize('loss_cls', [AmbientLoss, AmbientVPLoss])
+def test_mask_aware_pixel_weight_is_one_over_c_out_squared(loss_cls):
+    x0, A, A_hat = batch()
+    net = Recorder(out_channels=3, in_channels=6)
+    loss_fn = loss_cls(hidden_precond='mask_aware')
+    loss, diag = loss_fn(net, A * x0, A, A_hat, generator=torch.Generator().manual_seed(4))
+    sigma = net.calls[0]['sigma'].double()
+    D = net(net.calls[0]['x'], net.calls[0]['sigma']).double()
+    # c_out of the preconditioner where Ã = 1 (EDM: σ σd / sqrt(σ² + σd²); VP: σ), σd where Ã = 0.
+    c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt() if loss_cls is AmbientLoss else sigma
+    c_out = A_hat * c_out + (1 - A_hat) * 0.5
+    torch.testing.assert_close(loss.double(), (A * (D - x0)) ** 2 / c_out ** 2, rtol=1e-5, atol=1e-6)
+    # Visible pixels keep the original weight, so the Ã diagnostic is unchanged.
+    original, diag_original = loss_cls()(net, A * x0, A, A_hat, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(loss[A_hat == 1], original[A_hat == 1])
+    torch.testing.assert_close(diag['loss_hat'], diag_original['loss_hat'])
+
+
+def test_bad_hidden_precond():
+    with pytest.raises(ValueError, match='hidden_precond'):
+        AmbientLoss(hidden_precond='per_pixel')
+
+
+class _LinearF(torch.nn.Module):
+    """A raw network F that is linear in the image channels of its input: F = W·x + b, per pixel."""
+
+    def __init__(self, pixels):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.zeros(pixels, pixels))
+        self.b = torch.nn.Parameter(torch.zeros(pixels))
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):  # x: [N, 2, 1, P]
+        return (x[:, 0, 0] @ self.W.T + self.b)[:, None, None, :]
+
+
+@pytest.mark.parametrize('hidden_precond', ['mask_aware', 'original'])
+def test_optimum_is_the_posterior_mean_under_a_gaussian_prior(hidden_precond):
+    """Theorem 1 with the mask-aware weights: minimising the ambient loss over all F gives, on every pixel,
+    E[x0 | Ã x_σ, Ã] — here, for x0 ~ N(0, Σ), the closed form Σ_h0 / (Σ_00 + σ²) · y0 (pixel 0 seen)."""
+    from training.networks import EDMPrecond
+    sigma, n = 0.3, 40000
+    cov = torch.tensor([[0.25, 0.15, -0.1], [0.15, 0.3, 0.05], [-0.1, 0.05, 0.2]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.randn(n, 3, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T).float()
+    x0 = x0[:, None, None, :]                                              # [N, 1, 1, 3]
+    A_hat = torch.tensor([1.0, 0, 0]).expand(n, 1, 1, 3)                   # the network sees pixel 0 only
+    A = torch.maximum(A_hat, (torch.rand(n, 1, 1, 3, generator=g) < 0.5).float())  # A independent of x0
+    net = EDMPrecond(16, 2, ambient=True, model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1,
+                     attn_resolutions=[], dropout=0, hidden_precond=hidden_precond)
+    net.model = _LinearF(3)
+
+    class FixedSigma(AmbientLoss):
+        def sample_sigma(self, images, generator=None):
+            return torch.full([images.shape[0], 1, 1, 1], sigma)
+
+    loss_fn = FixedSigma(hidden_precond=hidden_precond)
+    names = [name for name, _ in net.model.named_parameters()]
+    shapes = [p.shape for p in net.model.parameters()]
+
+    def objective(theta):
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[f'model.{name}'] = theta[offset:offset + shape.numel()].reshape(shape)
+            offset += shape.numel()
+        D = lambda *args, **kwargs: torch.func.functional_call(net, params, args, kwargs)  # noqa: E731
+        loss, _ = loss_fn(D, A * x0, A, A_hat, generator=torch.Generator().manual_seed(1))
+        return loss.double().sum() / n
+
+    theta = torch.zeros(sum(s.numel() for s in shapes), dtype=torch.float32)
+    grad = torch.autograd.functional.jacobian(objective, theta).double()
+    hess = torch.autograd.functional.hessian(objective, theta).double()
+    theta = (theta.double() - torch.linalg.pinv(hess) @ grad).float()  # exact: the loss is quadratic in θ
+    probe = torch.tensor([[0.0, 0, 0], [1.0, 0, 0]])[:, None, None, :]     # y0 = 0 and y0 = 1
+    with torch.no_grad():
+        W = theta[:9].reshape(3, 3)
+        net.model.W.copy_(W)
+        net.model.b.copy_(theta[9:])
+        D = net(torch.cat([probe * A_hat[:2], A_hat[:2]], dim=1), torch.full([2], sigma))[:, 0, 0]  # [2, 3]
+    slope = (D[1] - D[0]).double()
+    expected = cov[:, 0] / (cov[0, 0] + sigma ** 2)  # E[x0 | y0] = Σ_:0 / (Σ_00 + σ²) · y0
+    torch.testing.assert_close(slope, expected, atol=0.03, rtol=0)
+    assert D[0].abs().max() < 0.03  # zero-mean prior: no offset

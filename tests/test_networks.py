@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from training import networks
-from training.networks import (Conv2d, DhariwalUNet, EDMPrecond, GroupNorm, SongUNet, UNetBlock, VEPrecond, VPPrecond,
-                               attention, iDDPMPrecond)
+from training import layers
+from training.layers import Conv2d, GroupNorm, UNetBlock, attention
+from training.networks import DhariwalUNet, EDMPrecond, SongUNet, VEPrecond, VPPrecond, iDDPMPrecond
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0)
@@ -142,7 +142,7 @@ def test_gated_conv_gradcheck(double_sigmoid):
     weight = randn(2, 3, 3, 3, seed=1, dtype=torch.float64).requires_grad_(True)
     gate_weight = randn(2, 3, 3, 3, seed=2, dtype=torch.float64).requires_grad_(True)
     bias = randn(2, seed=3, dtype=torch.float64).requires_grad_(True)
-    conv = networks._GatedConv.apply
+    conv = layers._GatedConv.apply
     assert torch.autograd.gradcheck(lambda *a: conv(*a, 1, double_sigmoid), (x, weight, gate_weight, bias))
     assert torch.autograd.gradcheck(lambda *a: conv(*a, None, 0, double_sigmoid), (x, weight, gate_weight))
     # Without an input gradient (the first layer), the weights still get theirs.
@@ -308,13 +308,13 @@ def test_group_norm_groups():
 
 def test_embeddings():
     x = torch.tensor([0.0, 1.5, -2.0])
-    pos = networks.PositionalEmbedding(8, endpoint=True)(x).double()
+    pos = layers.PositionalEmbedding(8, endpoint=True)(x).double()
     freqs = (1 / 10000) ** (np.arange(4) / 3)
     angles = np.outer(x.numpy(), freqs)
     np.testing.assert_allclose(pos.numpy(), np.concatenate([np.cos(angles), np.sin(angles)], 1), rtol=1e-5, atol=1e-6)
-    assert len(networks.PositionalEmbedding(8).state_dict()) == 0
+    assert len(layers.PositionalEmbedding(8).state_dict()) == 0
     torch.manual_seed(0)
-    fourier = networks.FourierEmbedding(8)
+    fourier = layers.FourierEmbedding(8)
     assert list(fourier.state_dict()) == ['freqs'] and 8 < fourier.freqs.std() * 4 < 200
     angles = 2 * np.pi * np.outer(x.numpy(), fourier.freqs.double().numpy())
     np.testing.assert_allclose(fourier(x).double().numpy(), np.concatenate([np.cos(angles), np.sin(angles)], 1),
@@ -654,3 +654,99 @@ def test_original_checkpoint_keys():
     assert all(state[k] == state[k.replace('gate_weight', 'weight')] for k in gates)
     assert len([k for k in gates if '.enc.' in k]) == 40
     assert len([k for k in state if k.endswith('resample_filter')]) == 8
+
+
+# ----------------------------------------------------------------------------
+# Mask-aware preconditioning of pixels hidden from the network.
+
+
+class _RecordF(torch.nn.Module):
+    """Wraps the raw network F and keeps its last output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.out = None
+
+    def forward(self, *args, **kwargs):
+        self.out = self.model(*args, **kwargs)
+        return self.out
+
+
+@pytest.mark.parametrize('precond', [EDMPrecond, VPPrecond, VEPrecond])
+def test_mask_aware_coefficients_follow_the_formula(precond):
+    net = randomize_convs(build(precond, img_channels=6, ambient=True, hidden_precond='mask_aware'))
+    ref = build(precond, img_channels=6, ambient=True)  # original formulation, same weights
+    ref.load_state_dict(net.state_dict())
+    net.model = _RecordF(net.model)
+    g = seeded(3)
+    A_hat = (torch.rand(2, 3, 16, 16, generator=g) > 0.5).float()
+    x = torch.cat([A_hat * torch.randn(2, 3, 16, 16, generator=g), A_hat], dim=1)
+    sigma = torch.tensor([0.01, 3.0])
+    with torch.no_grad():
+        D = net(x, sigma)
+        D_ref = ref(x, sigma)
+    F_x = net.model.out.double()
+    s = sigma.double().reshape(-1, 1, 1, 1)
+    c_skip, c_out = {  # the preconditioners' own c_skip(σ), c_out(σ) (EDM Table 1)
+        EDMPrecond: (0.25 / (s ** 2 + 0.25), s * 0.5 / (s ** 2 + 0.25).sqrt()),
+        VPPrecond: (torch.ones_like(s), -s),
+        VEPrecond: (torch.ones_like(s), s)}[precond]
+    a = A_hat.double()
+    expected = a * c_skip * x[:, :3].double() + (a * c_out + (1 - a) * 0.5) * F_x
+    torch.testing.assert_close(D.double(), expected, rtol=1e-5, atol=1e-6)
+    # Where the network sees the pixel, mask-aware and original agree; where it does not, only c_out differs.
+    visible = A_hat.bool()
+    torch.testing.assert_close(D[visible], D_ref[visible], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(D[~visible].double(), (0.5 * F_x)[~visible], rtol=1e-5, atol=1e-6)
+
+
+def test_mask_aware_equals_original_with_full_mask():
+    net = randomize_convs(build(img_channels=6, ambient=True, hidden_precond='mask_aware'))
+    ref = build(img_channels=6, ambient=True, hidden_precond='original')
+    ref.load_state_dict(net.state_dict())
+    x = torch.cat([randn(2, 3, 16, 16), torch.ones(2, 3, 16, 16)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, torch.tensor([0.002, 5.0])), ref(x, torch.tensor([0.002, 5.0])))
+
+
+def test_mask_aware_hidden_sigma_is_sigma_data_and_options_are_checked():
+    assert build(img_channels=6, ambient=True, hidden_precond='mask_aware', sigma_data=0.7).hidden_sigma == 0.7
+    assert build(img_channels=6, ambient=True).hidden_precond == 'original'  # default: old snapshots
+    with pytest.raises(ValueError, match='hidden_precond'):
+        build(img_channels=6, ambient=True, hidden_precond='bogus')
+    with pytest.raises(ValueError, match='ambient'):
+        build(img_channels=3, hidden_precond='mask_aware')
+
+
+class _RecordLabels(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.noise_labels = None
+
+    def forward(self, x, noise_labels, **kwargs):
+        self.noise_labels = noise_labels.clone()
+        return self.model(x, noise_labels, **kwargs)
+
+
+@pytest.mark.parametrize('precond', [EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond])
+def test_cond_sigma_min_floors_only_the_noise_label(precond):
+    kwargs = dict(img_channels=6, ambient=True, hidden_precond='mask_aware')
+    floored = randomize_convs(build(precond, cond_sigma_min=0.05, **kwargs))
+    plain = build(precond, **kwargs)
+    plain.load_state_dict(floored.state_dict())
+    floored.model, plain.model = _RecordLabels(floored.model), _RecordLabels(plain.model)
+    A_hat = (torch.rand(3, 3, 16, 16, generator=seeded(1)) > 0.5).float()
+    x = torch.cat([A_hat * randn(3, 3, 16, 16), A_hat], dim=1)
+    with torch.no_grad():
+        D_floor = floored(x, torch.tensor([0.002, 0.01, 0.5]))
+        plain(x, torch.tensor([0.05, 0.05, 0.5]))
+        labels_at_floor = plain.model.noise_labels.clone()
+        D_plain = plain(x, torch.tensor([0.002, 0.01, 0.5]))
+    # F is told max(σ, 0.05); everything else uses the true σ (so D differs only through F below the floor).
+    torch.testing.assert_close(floored.model.noise_labels, labels_at_floor)
+    torch.testing.assert_close(D_floor[2], D_plain[2])
+    assert not torch.equal(D_floor[:2], D_plain[:2])
+    with pytest.raises(ValueError, match='cond_sigma_min'):
+        build(precond, cond_sigma_min=-1, **kwargs)

@@ -78,6 +78,14 @@ def test_two_ticks_write_run_directory(tmp_path, data):
     assert net(x, torch.ones(2)).shape == (2, 3, 16, 16)
     options = json.load(open(os.path.join(run_dir, 'training_options.json')))
     assert options['network_kwargs']['gate'] == 'sigmoid' and options['dataset_kwargs']['hat_seed'] == 1
+    # New ambient runs use the mask-aware preconditioning, in the network and in the loss weights alike.
+    assert net.hidden_precond == 'mask_aware' and snap['network_kwargs']['hidden_precond'] == 'mask_aware'
+    assert options['loss_kwargs']['hidden_precond'] == 'mask_aware'
+
+
+def test_hidden_precond_original(tmp_path, data):
+    result = run(['--outdir', tmp_path, '--data', data, '--dry-run', '--hidden_precond=original', *TINY])
+    assert result.output.count('"hidden_precond": "original"') == 2  # network and loss
 
 
 @pytest.mark.parametrize('precond', ['ambient', 'ambient_vp', 'edm', 'vp', 've'])
@@ -160,6 +168,7 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
     (['--cond=True', '--data=NOLABELS'], 'labels'),
     (['--precond=edm', '--norm=1'], '--norm=1 only applies'),
     (['--precond=vp'], '--delta_probability'),
+    (['--precond=edm', '--delta_probability=0', '--hidden_precond=mask_aware'], '--hidden_precond only applies'),
     (['--data=MISSING'], 'dataset not found'),
     (['--corruption_probability=1.0'], 'corruption_probability'),
 ])

@@ -78,6 +78,12 @@ def _penalty(residual, norm):
     return residual.abs()
 
 
+def _check_hidden_precond(hidden_precond):
+    if hidden_precond not in ('original', 'mask_aware'):
+        raise ValueError(f"hidden_precond={hidden_precond!r}: expected 'original' or 'mask_aware'")
+    return hidden_precond
+
+
 def _check_norm(norm):
     if norm not in (1, 2):
         raise ValueError(f"norm={norm!r} is not supported: use 2 (squared error) or 1 (absolute error)")
@@ -167,10 +173,17 @@ class _AmbientLoss:
     def weight(self, sigma):
         raise NotImplementedError
 
+    def pixel_weight(self, sigma, A_hat):
+        """Per-pixel loss weight: w(σ) everywhere ('original'), or 1/c_out² of the mask-aware preconditioning
+        ('mask_aware': w(σ) = 1/c_out(σ)² where Ã = 1, 1/σd² where Ã = 0; see `training.networks`)."""
+        weight = self.weight(sigma)
+        if self.hidden_precond == 'original':
+            return weight
+        return A_hat * weight + (1 - A_hat) / self.sigma_data ** 2
+
     def __call__(self, net, observation, mask, hat_mask, labels=None, augment_pipe=None, clean=None,
                  generator=None, augment_generator=None):
         sigma = self.sample_sigma(observation, generator)
-        weight = self.weight(sigma)
         aug_gen = _augment_generator(generator, augment_generator)
         if clean is not None and augment_pipe is not None:
             # Replay the same augmentation on the clean images for the all-pixel diagnostic.
@@ -184,6 +197,7 @@ class _AmbientLoss:
         n = _randn(y.shape, y, generator) * sigma
         net_input = torch.cat([A_hat * (y + n), A_hat], dim=1)
         D = net(net_input, sigma, labels, augment_labels=augment_labels)
+        weight = self.pixel_weight(sigma, A_hat)
         residual = D - y
         loss = weight * _penalty(A * residual, self.norm)
         with torch.no_grad():
@@ -200,8 +214,9 @@ class _AmbientLoss:
 class AmbientLoss(_AmbientLoss):
     """Ambient loss with EDM's σ distribution and weighting (Daras et al. 2023, Sec. 3)."""
 
-    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, norm=2):
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, norm=2, hidden_precond='original'):
         self.P_mean, self.P_std, self.sigma_data, self.norm = P_mean, P_std, sigma_data, _check_norm(norm)
+        self.hidden_precond = _check_hidden_precond(hidden_precond)
 
     def sample_sigma(self, images, generator=None):
         return edm_sigma(images, self.P_mean, self.P_std, generator)
@@ -213,8 +228,10 @@ class AmbientLoss(_AmbientLoss):
 class AmbientVPLoss(_AmbientLoss):
     """Ambient loss with the VP σ distribution and weight 1/σ²."""
 
-    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5, norm=2):
+    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5, norm=2, hidden_precond='original', sigma_data=0.5):
         self.beta_d, self.beta_min, self.epsilon_t, self.norm = beta_d, beta_min, epsilon_t, _check_norm(norm)
+        self.hidden_precond = _check_hidden_precond(hidden_precond)
+        self.sigma_data = sigma_data  # c_out of hidden pixels in the mask-aware preconditioning
 
     def sample_sigma(self, images, generator=None):
         return vp_sample_sigma(images, self.beta_d, self.beta_min, self.epsilon_t, generator)

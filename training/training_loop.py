@@ -67,8 +67,18 @@ def cpu_state_dict(module):
     return {name: tensor.detach().cpu().clone() for name, tensor in unwrap(module).state_dict().items()}
 
 
-def build_network(network_kwargs):
-    """Construct a network from its stored kwargs (class_name plus constructor arguments)."""
+# The only classes a snapshot, a training state or training_options.json may ask us to build: a class name
+# read from a file would otherwise choose what code runs (`os.system` with a command as its argument).
+NETWORK_CLASSES = tuple(f'training.networks.{name}' for name in ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond'))
+
+
+def build_network(network_kwargs, source='network_kwargs'):
+    """Construct one of our preconditioned networks (`NETWORK_CLASSES`) from its stored kwargs (class_name plus
+    constructor arguments); any other class is refused with a ValueError naming `source`."""
+    class_name = network_kwargs.get('class_name') if isinstance(network_kwargs, dict) else None
+    if class_name not in NETWORK_CLASSES:
+        raise ValueError(f'{source}: class_name={class_name!r} is not one of the networks this codebase builds '
+                         f'({", ".join(NETWORK_CLASSES)}); refusing to construct it')
     return dnnlib.util.construct_class_by_name(**network_kwargs)
 
 
@@ -77,7 +87,7 @@ def load_snapshot(path):
     snapshot = torch.load(path, map_location='cpu', weights_only=True)
     if not isinstance(snapshot, dict) or snapshot.get('format') != SNAPSHOT_FORMAT:
         raise ValueError(f'{path} is not a network snapshot of this codebase (no "{SNAPSHOT_FORMAT}" format tag)')
-    net = build_network(snapshot['network_kwargs'])
+    net = build_network(snapshot.get('network_kwargs'), source=str(path))
     net.load_state_dict(snapshot['ema'], strict=True)
     return net.eval().requires_grad_(False), snapshot
 
@@ -232,6 +242,10 @@ def training_loop(
             misc.print_module_summary(net, [torch.zeros([batch_gpu, interface_kwargs['img_channels'], R, R], device=device),
                 torch.ones([batch_gpu], device=device), torch.zeros([batch_gpu, net.label_dim], device=device)], max_nesting=2)
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    if ambient and getattr(loss_fn, 'hidden_precond', 'original') != net.hidden_precond:
+        raise ValueError(f'loss_kwargs.hidden_precond={getattr(loss_fn, "hidden_precond", "original")!r} differs from '
+            f'network_kwargs.hidden_precond={net.hidden_precond!r}: the loss weights must be 1/c_out² of the network\'s '
+            'preconditioning; set both to the same value')
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
