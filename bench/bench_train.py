@@ -8,7 +8,7 @@
 Configs are train.py command lines, turned into the network, loss and optimizer exactly as train.py does:
   ddpmpp32  EDM's CIFAR-10 DDPM++ (128 channels, [2,2,2], 4 blocks, attention at 16), gated, RGB 32x32, batch 8
   small     the original's small gated config (cbase 32, cres 1,2,2,2), RGB 32x32, batch 8
-  demo      the `make demo` config (see demo.py), grayscale 32x32
+  demo      the `make demo` config (see demo.py), grayscale 16x16
 Variants:
   eager     our network as train.py builds it (fused gated convolutions, sigmoid gate, C outputs)
   compiled  the same under torch.compile (train.py --compile=True)
@@ -34,18 +34,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench.isolated import run_isolated  # noqa: E402
 
-# (train.py arguments, channels, batch)
+# (train.py arguments, channels, batch, resolution)
 CONFIGS = {
-    'ddpmpp32': (['--arch=ddpmpp'], 3, 8),
-    'small': (['--arch=ddpmpp', '--cbase=32', '--cres=1,2,2,2'], 3, 8),
-    'demo': (None, 1, None),
+    'ddpmpp32': (['--arch=ddpmpp'], 3, 8, 32),
+    'small': (['--arch=ddpmpp', '--cbase=32', '--cres=1,2,2,2'], 3, 8, 32),
+    'demo': (None, 1, None, None),
 }
 
 
 def _config_args(name):
     if name == 'demo':
         import demo
-        return demo.TRAIN_ARGS, 1, demo.TRAIN_BATCH
+        return demo.TRAIN_ARGS, 1, demo.TRAIN_BATCH, demo.RESOLUTION
     return CONFIGS[name]
 
 
@@ -58,14 +58,14 @@ def measure(name, variant, device, steps, warmup, threads, fp16):
     from bench.bench_network import separate_gate_convolutions
     from torch_utils.ambient_diffusion import MaskCorruption
     torch.set_num_threads(threads)
-    args, channels, batch = _config_args(name)
+    args, channels, batch, resolution = _config_args(name)
     if variant == 'original':
         args = [*args, '--gate=double_sigmoid']
     ctx = train.main.make_context('train', ['--outdir=unused', '--data=unused', f'--batch={batch}', f'--fp16={fp16}',
                                             '--augment=0', *args])
     c = train.build_config(dnnlib.EasyDict(ctx.params))
     device = torch.device(device)
-    kw = dict(c.network_kwargs, img_resolution=32, img_channels=2 * channels, label_dim=0)
+    kw = dict(c.network_kwargs, img_resolution=resolution, img_channels=2 * channels, label_dim=0)
     if variant == 'original':
         kw['out_channels'] = 2 * channels
     net = dnnlib.util.construct_class_by_name(**kw).train().to(device)
@@ -75,7 +75,7 @@ def measure(name, variant, device, steps, warmup, threads, fp16):
     opt = dnnlib.util.construct_class_by_name(params=net.parameters(), **c.optimizer_kwargs)
     g = torch.Generator().manual_seed(0)
     corruption = MaskCorruption('dust', 0.6, 0.1)
-    x0 = torch.rand([batch, channels, 32, 32], generator=g) * 2 - 1
+    x0 = torch.rand([batch, channels, resolution, resolution], generator=g) * 2 - 1
     A = corruption.sample_mask(x0.shape, generator=g)
     A_hat = corruption.sample_hat_mask(A, generator=g)
     x0, A, A_hat = x0.to(device), A.to(device), A_hat.to(device)

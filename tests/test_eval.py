@@ -158,3 +158,25 @@ def test_denoise_error_per_sigma(run_dir, tmp_path):
     result = invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', small, '--outdir', out, '--seeds=0-3'],
                     expect_ok=False)
     assert result.exit_code != 0 and 'dataset_tool.py' in result.output and 'Traceback' not in result.output
+
+
+def test_snapshot_that_names_a_foreign_class_runs_nothing(tmp_path):
+    """The attack: a weights-only snapshot whose network_kwargs name os.system. Every loading command refuses it."""
+    import torch
+
+    import solve_inverse_problems
+    from training import training_loop
+    sentinel = tmp_path / 'PWNED'
+    path = tmp_path / 'network-snapshot-000001.pt'
+    torch.save(dict(format=training_loop.SNAPSHOT_FORMAT, ema={}, nimg=1000,
+                    network_kwargs={'class_name': 'os.system', 'command': f'touch {sentinel}'}), path)
+    data = write_edm_dataset(tmp_path / 'data.zip', random_images(4, channels=3, resolution=16, seed=1))
+    for command, args in [
+            (eval_cli.cli, ['generate', f'--network={path}', f'--outdir={tmp_path / "gen"}', '--seeds=0']),
+            (eval_cli.cli, ['denoise', f'--network={path}', f'--data={data}', f'--outdir={tmp_path / "den"}', '--seeds=0']),
+            (solve_inverse_problems.main, [f'--network={path}', f'--measurements_path={data}', f'--outdir={tmp_path / "dps"}',
+                                           '--seeds=0'])]:
+        result = invoke(command, args, expect_ok=False)
+        assert result.exit_code != 0 and 'not one of the networks' in result.output, result.output
+        assert 'Traceback' not in result.output and len(result.output.strip().splitlines()) <= 3, result.output
+        assert not sentinel.exists()
