@@ -47,10 +47,16 @@ def test_edm_sigma_distribution_and_weight():
 
 def test_vp_sigma_closed_form():
     t = np.array([1e-5, 0.1, 0.5, 1.0])
-    expected = np.sqrt(np.exp(0.5 * 19.9 * t ** 2 + 0.1 * t) - 1)
+    expected = np.sqrt(np.expm1(0.5 * 19.9 * t ** 2 + 0.1 * t))  # float64
     np.testing.assert_allclose(vp_sigma(torch.tensor(t), 19.9, 0.1).numpy(), expected, rtol=1e-12)
     sig = VPLoss().sample_sigma(torch.zeros(5000, 1, 1, 1), torch.Generator().manual_seed(0))
     assert sig.min() >= vp_sigma(1e-5, 19.9, 0.1) * 0.999 and sig.max() <= vp_sigma(1.0, 19.9, 0.1) * 1.001
+    # float32 at t = ε_t, where exp(x) - 1 would be 2% off; the loss and VPPrecond use this one function.
+    np.testing.assert_allclose(vp_sigma(torch.tensor(t, dtype=torch.float32), 19.9, 0.1).numpy(), expected, rtol=1e-6)
+    from training.networks import VPPrecond
+    precond = VPPrecond(16, 2, model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    torch.testing.assert_close(precond.sigma(torch.tensor(t, dtype=torch.float32)), vp_sigma(torch.tensor(t, dtype=torch.float32), 19.9, 0.1))
+    assert precond.sigma_min == pytest.approx(float(expected[0]), rel=1e-6)
 
 
 def test_ve_sigma_range_and_weight():

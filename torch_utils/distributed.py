@@ -30,10 +30,7 @@ def init(backend: Optional[str] = None) -> None:
     WORLD_SIZE unset or 1: no process group (no port is needed). WORLD_SIZE > 1: `env://` initialisation,
     MASTER_ADDR / MASTER_PORT default to localhost:29500, backend `backend` or else nccl with CUDA and
     gloo without; with CUDA the current device is set to LOCAL_RANK. Calling it again does nothing.
-    Also tells `training_stats` which rank this is and where to reduce its moments.
     """
-    from . import training_stats  # Imported here: training_stats calls back into this module.
-
     if _state['initialized']:
         return
     rank = _env_int('RANK', 0)
@@ -44,7 +41,6 @@ def init(backend: Optional[str] = None) -> None:
     if backend not in (None, 'nccl', 'gloo'):
         raise ValueError(f"backend must be None (automatic), 'nccl' or 'gloo', got {backend!r}")
 
-    sync_device = None
     if world_size > 1:
         use_cuda = torch.cuda.is_available()
         backend = backend or ('nccl' if use_cuda else 'gloo')
@@ -56,10 +52,15 @@ def init(backend: Optional[str] = None) -> None:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, init_method='env://', rank=rank, world_size=world_size)
-        sync_device = torch.device('cuda', local_rank) if backend == 'nccl' else torch.device('cpu')
     _state.update(initialized=True, rank=rank, world_size=world_size, local_rank=local_rank,
                   backend=backend if world_size > 1 else None)
-    training_stats.init_multiprocessing(rank=rank, sync_device=sync_device)
+
+
+def sync_device() -> Optional[torch.device]:
+    """Where tensors must be for collectives: this rank's CUDA device with NCCL, the CPU with gloo, None alone."""
+    if not _distributed():
+        return None
+    return torch.device('cuda', _state['local_rank']) if _state['backend'] == 'nccl' else torch.device('cpu')
 
 
 def is_initialized() -> bool:
@@ -157,9 +158,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def shutdown() -> None:
     """Leave the process group (if any) and return to the uninitialised single-process state."""
-    from . import training_stats
-
     if _distributed():
         dist.destroy_process_group()
     _state.update(initialized=False, rank=0, world_size=1, local_rank=0, backend=None)
-    training_stats.init_multiprocessing(rank=0, sync_device=None)

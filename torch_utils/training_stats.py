@@ -9,31 +9,19 @@ over the interval since its previous `update()`, summing the moments of all proc
 
 import math
 import re
-from typing import Dict, List, Optional, Union
+from typing import Dict, List
 
 import numpy as np
 import torch
 
 from dnnlib.util import EasyDict
 
+from . import distributed
+
 _num_moments = 3  # [count, sum(x), sum(x**2)]
 _counter_dtype = torch.float64
 
-_rank = 0
-_sync_device: Optional[torch.device] = None
 _counters: Dict[str, Dict[torch.device, torch.Tensor]] = {}  # name -> device -> cumulative moments.
-
-
-def init_multiprocessing(rank: int, sync_device: Optional[Union[str, torch.device]]) -> None:
-    """Set this process's rank and the device on which moments are reduced (None: single process).
-
-    Called by `torch_utils.distributed.init()`; the sync device is CUDA with NCCL and CPU with gloo.
-    """
-    global _rank, _sync_device
-    if rank < 0:
-        raise ValueError(f'rank must be >= 0, got {rank}')
-    _rank = int(rank)
-    _sync_device = torch.device(sync_device) if sync_device is not None else None
 
 
 def report(name: str, value):
@@ -62,7 +50,7 @@ def report(name: str, value):
 
 def report0(name: str, value):
     """Like `report`, but only rank 0's values count (other ranks register the name with count 0)."""
-    report(name, value if _rank == 0 else [])
+    report(name, value if distributed.get_rank() == 0 else [])
     return value
 
 
@@ -96,8 +84,6 @@ class Collector:
 
     def update(self) -> None:
         """Collect the moments reported since the previous update (or since construction)."""
-        from . import distributed  # Imported here: distributed.init() imports this module.
-
         names = self.names()
         if distributed.get_world_size() > 1:
             # One sorted list on every rank, so that a name reported by only some ranks cannot desynchronise the reduce.
@@ -111,8 +97,7 @@ class Collector:
             self._baseline[name] = total
         stacked = torch.stack(deltas)  # [len(names), 3]
         if distributed.get_world_size() > 1:
-            device = _sync_device if _sync_device is not None else torch.device('cpu')
-            stacked = distributed.all_reduce_sum(stacked.to(device)).cpu()
+            stacked = distributed.all_reduce_sum(stacked.to(distributed.sync_device())).cpu()
         for name, delta in zip(names, stacked):
             if self._keep_previous and delta[0] == 0 and name in self._moments:
                 continue

@@ -13,6 +13,7 @@ noise, in the same order in every loss, so losses can be compared draw for draw.
 import torch
 
 from torch_utils import misc
+from training.networks import vp_sigma
 
 
 def _randn(shape, like, generator=None):
@@ -50,12 +51,6 @@ def edm_sigma(images, P_mean, P_std, generator=None):
 def edm_weight(sigma, sigma_data):
     """λ(σ) = (σ² + σd²) / (σ σd)² (Karras et al. 2022, Table 1)."""
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-
-
-def vp_sigma(t, beta_d, beta_min):
-    """σ(t) = sqrt(exp(½ β_d t² + β_min t) − 1) of the VP SDE (Song et al. 2021)."""
-    t = torch.as_tensor(t)
-    return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
 
 
 def vp_sample_sigma(images, beta_d, beta_min, epsilon_t, generator=None):
