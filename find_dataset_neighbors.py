@@ -42,7 +42,7 @@ import tqdm
 
 import dnnlib
 from dnnlib.util import atomic_write
-from eval import check_subset_seed, one_line_errors
+from training.cli import check_subset_seed, one_line_errors
 from torch_utils import distributed as dist
 from torch_utils.images import make_grid, save_png, to_uint8
 from training.dataset import ImageFolderDataset

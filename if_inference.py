@@ -23,7 +23,7 @@ import torch
 import tqdm
 from diffusers import DDPMScheduler
 import dnnlib
-from eval import image_path, one_line_errors
+from training.cli import image_path, one_line_errors
 from pipeline_if import CORRUPTION_PATTERNS, AmbientIFPipeline
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from training import ambient_if

@@ -28,13 +28,12 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
-import eval as eval_cli
 from torch_utils import checkpoints
 from torch_utils import distributed as dist
 from torch_utils.ambient_diffusion import gaussian_kernel, get_operator
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
-from training import samplers
+from training import cli, samplers
 from training.dataset import ImageFolderDataset
 from training.training_loop import kimg_tag
 
@@ -87,7 +86,7 @@ def _unit(images):
 
 def _sampler_corruption(info, opts):
     """The sampling masks of an ambient network: the snapshot's training corruption with the overrides."""
-    return eval_cli.sampling_corruption(info, dnnlib.EasyDict(corruption_pattern=None,
+    return cli.sampling_corruption(info, dnnlib.EasyDict(corruption_pattern=None,
         corruption_probability=opts.corruption_probability, delta_probability=opts.delta_probability,
         mask_full_rgb=opts.mask_full_rgb, num_masks=opts.num_masks))
 
@@ -124,7 +123,7 @@ def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None)
         guidance_scale=opts.guidance_scale, clipping=opts.clipping)
     if info.ambient:
         sampler_kwargs.update(corruption=corruption, num_masks=opts.num_masks)
-    todo = [s for s in seeds if not os.path.isfile(eval_cli.image_path(os.path.join(outdir, 'reconstruction'), s))]
+    todo = [s for s in seeds if not os.path.isfile(cli.image_path(os.path.join(outdir, 'reconstruction'), s))]
     num_batches = max((len(todo) - 1) // (opts.batch * world_size) + 1, 1) * world_size
     rank_batches = np.array_split(np.array(todo, dtype=np.int64), num_batches)[rank::world_size]
     dist.print0(f'Solving {len(todo)} of {len(seeds)} images to "{outdir}" ({len(seeds) - len(todo)} already there)...')
@@ -166,7 +165,7 @@ def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None)
 
 
 def _path(outdir, kind, seed):
-    path = eval_cli.image_path(os.path.join(outdir, kind), seed)
+    path = cli.image_path(os.path.join(outdir, kind), seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
 
@@ -174,7 +173,7 @@ def _path(outdir, kind, seed):
 def save_grids(outdir, seeds):
     """`{outdir}/grid-{kind}.png`: the first 64 seeds of each kind, 8 per row."""
     for kind in KINDS:
-        paths = [eval_cli.image_path(os.path.join(outdir, kind), s) for s in seeds[:64]]
+        paths = [cli.image_path(os.path.join(outdir, kind), s) for s in seeds[:64]]
         paths = [p for p in paths if os.path.isfile(p)]
         if paths:
             grid = np.stack([np.array(PIL.Image.open(p)) for p in paths])
@@ -231,7 +230,7 @@ def solve(opts):
 
 
 @click.command()
-@eval_cli.network_options
+@cli.network_options
 @click.option('--outdir',             help='Where to save the results', metavar='DIR', type=str, required=True)
 @click.option('--measurements_path',  help='Ground-truth images (folder or zip made by dataset_tool.py)', metavar='DIR|ZIP', type=str, required=True)
 @click.option('--seeds',              help='Images i (dataset index i, seed i), e.g. 0-15', metavar='LIST', type=parse_int_list, default='0-15', show_default=True)
@@ -247,8 +246,8 @@ def solve(opts):
 @click.option('--num_measurements',   help='Compressed sensing: measurements m', metavar='INT', type=click.IntRange(min=2), default=32, show_default=True)
 @click.option('--dps_scale',          help='DPS weight ζ', metavar='FLOAT', type=click.FloatRange(min=0), default=5.0, show_default=True)
 @click.option('--norm',               help='DPS residual norm (batch = the original\'s, couples samples)', type=click.Choice(list(samplers.DPS_NORMS)), default='per_sample', show_default=True)
-@eval_cli.sampling_mask_options
-@eval_cli.sampler_options
+@cli.sampling_mask_options
+@cli.sampler_options
 @click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
 def main(dry_run, **kwargs):
     """Solve inverse problems (inpainting, super-resolution, deblurring, compressed sensing) with DPS."""
@@ -257,7 +256,7 @@ def main(dry_run, **kwargs):
         click.echo(json.dumps(opts, indent=2))
         return
     dist.init()
-    with eval_cli.one_line_errors():
+    with cli.one_line_errors():
         solve(opts)
     dist.print0('Done.')
 

@@ -30,7 +30,7 @@ import torch
 import tqdm
 
 import dnnlib
-from eval import one_line_errors
+from training.cli import one_line_errors
 from torch_utils.ambient_diffusion import MASK_PATTERNS, MaskCorruption
 from torch_utils.images import save_image_grid
 from training import ambient_if

@@ -416,8 +416,9 @@ def test_two_processes_match_one(tmp_path, detector_file):
         _cli(args + common)
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'eval.py']
     for args in commands[2]:
-        subprocess.run(launcher + [str(a) for a in args + common], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'),
-                       check=True, capture_output=True)
+        result = subprocess.run(launcher + [str(a) for a in args + common], cwd=REPO, text=True, capture_output=True,
+                                env=dict(os.environ, OMP_NUM_THREADS='1'))
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]  # the workers' errors, if it fails
     one, two = metrics.load_stats(tmp_path / 'stats1.npz'), metrics.load_stats(tmp_path / 'stats2.npz')
     np.testing.assert_allclose(one['mu'], two['mu'], rtol=1e-10)
     np.testing.assert_allclose(one['sigma'], two['sigma'], rtol=1e-8, atol=1e-12)

@@ -1,0 +1,117 @@
+"""What the commands share: click option bundles, one-line errors, output paths, sampling masks.
+
+The commands (eval.py, solve_inverse_problems.py, find_dataset_neighbors.py, train_text_to_image.py,
+if_inference.py) import these instead of each other. Nothing here parses a command line: the option bundles
+are decorators the commands apply, and the helpers take the values click parsed.
+"""
+
+import contextlib
+import os
+import re
+
+import click
+
+from torch_utils.ambient_diffusion import MaskCorruption
+from training import metrics
+
+
+def _options(*decorators):
+    """Bundle click options so several commands (fid, ref, and later ones) share one definition."""
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
+detector_options = _options(
+    click.option('--detector',            help='Inception detector: TorchScript file, .pkl, or URL', metavar='PATH|URL', type=str, default=metrics.INCEPTION_URL, show_default=True),
+    click.option('--allow_unsafe_pickle', help='Let a network or detector pickle run the code it embeds (trusted files only)', is_flag=True),
+    click.option('--batch',               help='Images per batch and process',                metavar='INT',      type=click.IntRange(min=1), default=64, show_default=True),
+    click.option('--workers',             help='Data loading worker processes per process',    metavar='INT',      type=click.IntRange(min=0), default=2, show_default=True),
+)
+
+score_options = _options(
+    click.option('--ref',                 help='Reference statistics (.npz with mu, sigma)',   metavar='NPZ|URL',  type=str, required=True),
+    # torchrun's parser takes '--num' for an abbreviation of its --numa-binding; '--num_images' passes through.
+    click.option('--num', '--num_images', 'num', help='Number of images to score, error if fewer (under torchrun: --num_images)', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True),
+    click.option('--seed',                help='Seed of the random subset when there are more', metavar='INT',      type=int, default=0, show_default=True),
+    click.option('--outdir',              help='Where metrics.jsonl goes [default: the images folder\'s parent]', metavar='DIR', type=str),
+    click.option('--wandb',               help='Weights & Biases logging',                     type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True),
+)
+
+
+# The sampler's options, shared by eval.py generate and solve_inverse_problems.py.
+sampler_options = _options(
+    click.option('--steps',            help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True),
+    click.option('--sigma_min',        help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True),
+    click.option('--sigma_max',        help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True),
+    click.option('--rho',              help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True),
+    click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+    click.option('--S_min', 'S_min',   help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+    click.option('--S_max', 'S_max',   help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True),
+    click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True),
+    click.option('--solver',           help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True),
+    click.option('--num_masks',        help='Masks per sample (K; >1 adds reconstruction guidance)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True),
+    click.option('--guidance_scale',   help='Reconstruction guidance weight w', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+    click.option('--clipping',         help='Clipping of the denoised image', type=click.Choice(['none', 'static', 'dynamic']), default='static', show_default=True),
+)
+
+
+# The network to load, for commands without a detector (denoise here, solve_inverse_problems.py).
+network_options = _options(
+    click.option('--network',          help='Snapshot (.pt of ours, .pkl of the original) or run directory', metavar='PATH|DIR', type=str, required=True),
+    click.option('--latest',           help='Only the newest snapshot of a run directory', is_flag=True),
+    click.option('--training_options', help='training_options.json of an original .pkl  [default: next to it]', metavar='JSON', type=str),
+    click.option('--allow_unsafe_pickle', help='Let a network pickle run the code it embeds (trusted files only)', is_flag=True),
+)
+
+
+# Overrides of the sampler's masks (default: the snapshot's training corruption); shared with solve_inverse_problems.py.
+sampling_mask_options = _options(
+    click.option('--corruption_probability', help='p of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True)),
+    click.option('--delta_probability', help='δ of the sampling masks  [default: the training one]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True)),
+    click.option('--mask_full_rgb',     help='Share dust sampling masks over channels  [default: the training one]', metavar='BOOL', type=bool),
+)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Library errors (bad paths, missing files, too few images) as click's one-line `Error: ...`; a DataLoader
+    worker's error, whose text is the worker's traceback, is reduced to its last line, the message."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        message = ([line for line in str(err).splitlines() if line.strip()] or [type(err).__name__])[-1]
+        raise click.ClickException(re.sub(r'^[\w.]*(Error|Exception): ', '', message)) from None
+
+
+def check_subset_seed(opts):
+    """`--seed` only picks the `--max_size` subset: giving it alone is a mistake worth a one-line error."""
+    if opts.seed != 0 and opts.max_size is None:
+        raise click.BadParameter('--seed only chooses the --max_size subset; add --max_size or drop --seed', param_hint='--seed')
+
+
+def image_path(outdir, seed, subdirs=False):
+    return os.path.join(outdir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png') if subdirs else \
+        os.path.join(outdir, f'{seed:06d}.png')
+
+
+def sampling_corruption(info, opts):
+    """The sampling corruption: the snapshot's training corruption, with the command-line overrides."""
+    if not info.ambient:
+        given = [k for k in ('corruption_pattern', 'corruption_probability', 'delta_probability', 'mask_full_rgb')
+                 if opts[k] is not None]
+        if given or opts.get('num_masks', 1) != 1:
+            raise click.ClickException(f'{info.path} is a clean (non-ambient) network: --{", --".join(given or ["num_masks"])} '
+                                       'do not apply')
+        return None
+    cfg = dict(info.corruption or {})
+    for key in ('corruption_pattern', 'corruption_probability', 'delta_probability', 'mask_full_rgb'):
+        if opts[key] is not None:
+            cfg[key] = opts[key]
+    missing = [k for k in ('corruption_pattern', 'corruption_probability', 'delta_probability') if k not in cfg]
+    if missing:
+        raise click.ClickException(f'{info.path} does not record its corruption; pass --{", --".join(missing)}')
+    return MaskCorruption(pattern=cfg['corruption_pattern'], corruption_probability=cfg['corruption_probability'],
+                          delta_probability=cfg['delta_probability'], mask_full_rgb=cfg.get('mask_full_rgb', False))
