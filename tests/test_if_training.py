@@ -78,6 +78,7 @@ def test_training_outputs(trained):
     assert os.listdir(os.path.join(trained, 'logs', 'text2image-fine-tune'))
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(tmp_path, trained, tiny_if, data16):
     # 2 steps, then resume to 4: the same weights as 4 steps straight (diagnostics and validation change nothing).
     out = str(tmp_path / 'run')
@@ -95,6 +96,7 @@ def test_resume_continues_the_same_run(tmp_path, trained, tiny_if, data16):
         assert x['loss'] == pytest.approx(y['loss'], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_hf_imagefolder_with_captions_and_other_options(tmp_path, tiny_if):
     # Captions through the text encoder, 8-bit AdamW, accumulation, gradient checkpointing, offset noise, a cosine
     # schedule and wandb in offline mode.
