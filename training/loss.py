@@ -13,7 +13,7 @@ noise, in the same order in every loss, so losses can be compared draw for draw.
 import torch
 
 from torch_utils import misc
-from training.networks import vp_sigma
+from training.networks import HIDDEN_PRECONDS, mask_aware_coefficients, vp_sigma
 
 
 def _randn(shape, like, generator=None):
@@ -74,8 +74,8 @@ def _penalty(residual, norm):
 
 
 def _check_hidden_precond(hidden_precond):
-    if hidden_precond not in ('original', 'mask_aware'):
-        raise ValueError(f"hidden_precond={hidden_precond!r}: expected 'original' or 'mask_aware'")
+    if hidden_precond not in HIDDEN_PRECONDS:
+        raise ValueError(f'hidden_precond={hidden_precond!r}: expected one of {", ".join(HIDDEN_PRECONDS)}')
     return hidden_precond
 
 
@@ -169,12 +169,14 @@ class _AmbientLoss:
         raise NotImplementedError
 
     def pixel_weight(self, sigma, A_hat):
-        """Per-pixel loss weight: w(σ) everywhere ('original'), or 1/c_out² of the mask-aware preconditioning
-        ('mask_aware': w(σ) = 1/c_out(σ)² where Ã = 1, 1/σd² where Ã = 0; see `training.networks`)."""
+        """Per-pixel loss weight: w(σ) everywhere ('original'), or λ = 1/c_out² with the per-pixel c_out of the
+        mask-aware preconditioning ('mask_aware'; w(σ) = 1/c_out(σ)² for every preconditioner here, so
+        λ = w(σ) where Ã = 1 and 1/σd² where Ã = 0)."""
         weight = self.weight(sigma)
         if self.hidden_precond == 'original':
             return weight
-        return A_hat * weight + (1 - A_hat) / self.sigma_data ** 2
+        _, c_out = mask_aware_coefficients(0, weight.rsqrt(), A_hat, self.sigma_data)
+        return 1 / c_out ** 2
 
     def __call__(self, net, observation, mask, hat_mask, labels=None, augment_pipe=None, clean=None,
                  generator=None, augment_generator=None):
