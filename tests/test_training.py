@@ -195,3 +195,28 @@ def test_two_processes_match_one(tmp_path, data):
     la = [json.loads(l)['Loss/loss']['mean'] for l in open(tmp_path / 'one' / 'stats.jsonl')]
     lb = [json.loads(l)['Loss/loss']['mean'] for l in open(tmp_path / 'two' / 'stats.jsonl')]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_states_from_before_hidden_precond_resume_with_the_original_formulation(tmp_path, data):
+    """A state written before --hidden_precond existed has no such keys: it was trained with the original formulation."""
+    run(['--outdir', tmp_path, '--data', data, steps(1), '--nosubdir', '--dump=1', '--hidden_precond=original',
+         '--cond_sigma_min=0', *TINY])
+    state_path = training_loop.find_latest_state(str(tmp_path))
+    state = torch.load(state_path, weights_only=True)
+    for key in ('network_kwargs', 'loss_kwargs'):
+        del state['config'][key]['hidden_precond']
+    torch.save(state, state_path)
+    refused = run(['--outdir', tmp_path, '--data', data, steps(2), '--resume', tmp_path, *TINY], expect_ok=False)
+    assert refused.exit_code != 0 and "hidden_precond: 'original' in the state, 'mask_aware' now" in refused.output
+    run(['--outdir', tmp_path, '--data', data, steps(2), '--resume', tmp_path, '--hidden_precond=original',
+         '--cond_sigma_min=0', *TINY])
+
+
+def test_loss_must_fit_the_network():
+    from training.loss import AmbientLoss
+    from training.networks import EDMPrecond
+    net = EDMPrecond(16, 2, ambient=True, model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1,
+                     attn_resolutions=[], hidden_precond='mask_aware')
+    training_loop.check_loss_fits_network(AmbientLoss(hidden_precond='mask_aware'), net)
+    with pytest.raises(ValueError, match="loss_kwargs.hidden_precond='original' differs"):
+        training_loop.check_loss_fits_network(AmbientLoss(), net)

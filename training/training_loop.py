@@ -82,6 +82,15 @@ def build_network(network_kwargs, source='network_kwargs'):
     return dnnlib.util.construct_class_by_name(**network_kwargs)
 
 
+def check_loss_fits_network(loss_fn, net):
+    """An ambient loss must weigh pixels by 1/c_out² of the network's own preconditioning of hidden pixels."""
+    loss_precond = getattr(loss_fn, 'hidden_precond', 'original')
+    if loss_precond != net.hidden_precond:
+        raise ValueError(f'loss_kwargs.hidden_precond={loss_precond!r} differs from network_kwargs.hidden_precond='
+                         f'{net.hidden_precond!r}: the loss weights must be 1/c_out² of the network\'s preconditioning; '
+                         'set both to the same value')
+
+
 def load_snapshot(path):
     """Load a network snapshot written by the training loop; returns (network in eval mode, snapshot dict)."""
     snapshot = torch.load(path, map_location='cpu', weights_only=True)
@@ -101,11 +110,16 @@ def find_latest_state(run_dir):
     return os.path.join(run_dir, max(states, key=nimg))
 
 
+# Options added after states were first written: a state without the key was trained with this value.
+ABSENT_MEANS = {'hidden_precond': 'original', 'cond_sigma_min': 0}
+
+
 def config_differences(saved, current):
     """Human-readable differences between two nested config dicts (for refused resumes)."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, '<absent>'), current.get(key, '<absent>')
+        absent = ABSENT_MEANS.get(key, '<absent>')
+        a, b = saved.get(key, absent), current.get(key, absent)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f'{key}.{d}' for d in config_differences(a, b)]
         elif a != b:
@@ -242,10 +256,8 @@ def training_loop(
             misc.print_module_summary(net, [torch.zeros([batch_gpu, interface_kwargs['img_channels'], R, R], device=device),
                 torch.ones([batch_gpu], device=device), torch.zeros([batch_gpu, net.label_dim], device=device)], max_nesting=2)
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    if ambient and getattr(loss_fn, 'hidden_precond', 'original') != net.hidden_precond:
-        raise ValueError(f'loss_kwargs.hidden_precond={getattr(loss_fn, "hidden_precond", "original")!r} differs from '
-            f'network_kwargs.hidden_precond={net.hidden_precond!r}: the loss weights must be 1/c_out² of the network\'s '
-            'preconditioning; set both to the same value')
+    if ambient:
+        check_loss_fits_network(loss_fn, net)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
