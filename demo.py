@@ -25,9 +25,8 @@ import PIL.Image
 import torch
 
 from dnnlib.util import atomic_write
-from torch_utils import checkpoints
 from torch_utils.images import make_grid, save_image_grid
-from training import digit_score
+from training import digit_score, snapshots
 from training.dataset import ImageFolderDataset
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -81,7 +80,7 @@ def final_snapshot(run_dir, kimg):
     """The snapshot written at the end of training (at least `kimg`), or None."""
     if not os.path.isdir(run_dir):
         return None
-    done = [path for nimg, path in checkpoints.list_snapshots(run_dir) if nimg is not None and nimg >= kimg * 1000]
+    done = [path for nimg, path in snapshots.list_snapshots(run_dir) if nimg is not None and nimg >= kimg * 1000]
     return done[-1] if done else None
 
 

@@ -26,28 +26,23 @@ import tqdm
 
 import dnnlib
 from dnnlib.util import atomic_write
-from torch_utils import checkpoints
 from torch_utils import distributed as dist
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
-from training import metrics, samplers
+from training import metrics, samplers, snapshots
 from training.dataset import ImageFolderDataset
-from training.cli import (check_subset_seed, detector_options, image_path, network_options, one_line_errors,
-                          sampler_options, sampling_corruption, sampling_mask_options, score_options)
-from training.training_loop import kimg_tag
+from training.cli import (check_subset_seed, claim_output_dir, command_body, detector_options, file_digest, image_path,
+                          network_options, sampler_options, sampling_corruption, sampling_mask_options, score_options)
+from training.snapshots import kimg_tag
 
 WANDB_PROJECT = 'ambient_diffusion'
 
 
 def load_detector(opts):
     """The detector named by `opts.detector`, on this process's device; rank 0 fetches it first."""
-    if dist.get_rank() != 0:
-        dist.barrier()  # Let rank 0 fill the download cache.
     dist.print0(f'Loading detector {opts.detector} ...')
-    detector = metrics.load_detector(opts.detector, device=dist.device(), allow_unsafe_pickle=opts.allow_unsafe_pickle)
-    if dist.get_rank() == 0:
-        dist.barrier()
-    return detector
+    with dist.rank0_first():
+        return metrics.load_detector(opts.detector, device=dist.device(), allow_unsafe_pickle=opts.allow_unsafe_pickle)
 
 
 def score_images(images, opts, extra=None, detector=None):
@@ -121,7 +116,7 @@ def generate_images(net, info, seeds, outdir, batch=64, subdirs=False, class_idx
 
 
 def _process_snapshot(path, opts, detector_cache):
-    net, info = checkpoints.load_network(path, device=dist.device(), training_options=opts.training_options,
+    net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                          allow_unsafe_pickle=opts.allow_unsafe_pickle)
     corruption = sampling_corruption(info, opts)
     tag = kimg_tag(info.nimg) if info.nimg is not None else os.path.splitext(os.path.basename(path))[0]
@@ -131,6 +126,9 @@ def _process_snapshot(path, opts, detector_cache):
     if info.ambient:
         sampler_kwargs.update(guidance_scale=opts.guidance_scale, clipping=opts.clipping)
     dist.print0(f'Network {path} ({info.format}, kimg {info.kimg}); corruption {corruption}')
+    claim_output_dir(outdir, dict(network_sha256=file_digest(path), sampler=sampler_kwargs,
+        corruption=corruption.to_dict() if corruption is not None else None, num_masks=opts.num_masks,
+        resample_guidance_masks=opts.resample_guidance_masks, class_idx=opts.class_idx, subdirs=opts.subdirs))
     generate_images(net, info, opts.seeds, outdir, batch=opts.batch, subdirs=opts.subdirs, class_idx=opts.class_idx,
         corruption=corruption, sampler_kwargs=sampler_kwargs, num_masks=opts.num_masks,
         resample_guidance_masks=opts.resample_guidance_masks, grid_path=os.path.join(opts.outdir, f'grid-{tag}.png'))
@@ -151,16 +149,10 @@ def cli():
 @click.option('--images',   help='Folder (searched recursively) or zip of images to score', metavar='DIR|ZIP', type=str, required=True)
 @score_options
 @detector_options
-@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
-def fid(dry_run, **kwargs):
+@command_body()
+def fid(opts):
     """FID and Inception Score of a folder of images against reference statistics."""
-    opts = dnnlib.EasyDict(kwargs)
-    if dry_run:
-        click.echo(json.dumps(opts, indent=2))
-        return
-    dist.init()
-    with one_line_errors():
-        score_images(opts.images, opts)
+    score_images(opts.images, opts)
 
 
 @cli.command()
@@ -169,23 +161,17 @@ def fid(dry_run, **kwargs):
 @click.option('--max_size', help='Use a random subset of at most this many images',      metavar='INT',     type=click.IntRange(min=2))
 @click.option('--seed',     help='Seed of the --max_size subset',                        metavar='INT',     type=int, default=0, show_default=True)
 @detector_options
-@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
-def ref(dry_run, **kwargs):
+@command_body()
+def ref(opts):
     """Reference statistics (EDM's .npz format) of a dataset's clean images."""
-    opts = dnnlib.EasyDict(kwargs)
-    if dry_run:
-        click.echo(json.dumps(opts, indent=2))
-        return
     check_subset_seed(opts)
-    dist.init()
-    with one_line_errors():
-        detector = load_detector(opts)
-        dist.print0(f'Computing reference statistics of {opts.data} ...')
-        stats = metrics.calculate_inception_stats(opts.data, detector, max_size=opts.max_size, seed=opts.seed,
-            max_batch_size=opts.batch, device=dist.device(), compute_is=False, num_workers=opts.workers)
-        if dist.get_rank() == 0:
-            metrics.save_stats(opts.dest, stats.mu, stats.sigma)
-        dist.print0(f'Saved statistics of {stats.num_images} images ({stats.mu.shape[0]} features) to {opts.dest}')
+    detector = load_detector(opts)
+    dist.print0(f'Computing reference statistics of {opts.data} ...')
+    stats = metrics.calculate_inception_stats(opts.data, detector, max_size=opts.max_size, seed=opts.seed,
+        max_batch_size=opts.batch, device=dist.device(), compute_is=False, num_workers=opts.workers)
+    if dist.get_rank() == 0:
+        metrics.save_stats(opts.dest, stats.mu, stats.sigma)
+    dist.print0(f'Saved statistics of {stats.num_images} images ({stats.mu.shape[0]} features) to {opts.dest}')
 
 
 @cli.command()
@@ -207,26 +193,20 @@ def ref(dry_run, **kwargs):
 @click.option('--watch',            help='Keep polling the run directory for new snapshots', is_flag=True)
 @click.option('--poll',             help='Seconds between polls with --watch', metavar='SEC', type=click.FloatRange(min=0.1), default=60, show_default=True)
 @detector_options
-@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
-def generate(dry_run, **kwargs):
+@command_body()
+def generate(opts):
     """Generate images from every requested snapshot (skipping images already on disk) and optionally score them."""
-    opts = dnnlib.EasyDict(kwargs)
-    if dry_run:
-        click.echo(json.dumps(opts, indent=2))
-        return
     if opts.watch and not os.path.isdir(opts.network):
         raise click.BadParameter('--watch polls a run directory; --network is not one', param_hint='--watch')
-    dist.init()
     done, detector_cache = set(), {}
-    with one_line_errors():
-        while True:
-            paths = checkpoints.resolve_networks(opts.network, latest=opts.latest)
-            for path in [p for p in paths if p not in done]:
-                _process_snapshot(path, opts, detector_cache)
-                done.add(path)
-            if not opts.watch:
-                break
-            time.sleep(opts.poll)
+    while True:
+        paths = snapshots.resolve_networks(opts.network, latest=opts.latest)
+        for path in [p for p in paths if p not in done]:
+            _process_snapshot(path, opts, detector_cache)
+            done.add(path)
+        if not opts.watch:
+            break
+        time.sleep(opts.poll)
     dist.print0('Done.')
 
 
@@ -291,44 +271,40 @@ def plot_denoising_error(path, rows):
 @click.option('--batch',            help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @sampling_mask_options
 @click.option('--corruption_pattern', help='Mask pattern  [default: the training one]', type=click.Choice(['dust', 'box', 'fixed_box', 'keep_patch']))
-@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
-def denoise(dry_run, **kwargs):
+@command_body(distributed=False)
+def denoise(opts):
     """Denoising error per noise level on the pixels the network sees and on those hidden from it.
 
     For an ambient network, D = c_out(σ)·F on hidden pixels, so it must output x0/c_out there. Where the
     hidden error rises as σ falls, the network no longer predicts them: sample with --sigma_min above it.
     """
-    opts = dnnlib.EasyDict(kwargs)
-    if dry_run:
-        click.echo(json.dumps(opts, indent=2))
-        return
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    with one_line_errors():
-        dataset = ImageFolderDataset(opts.data, mode='clean')
-        if max(opts.seeds) >= len(dataset) or min(opts.seeds) < 0:
-            raise click.BadParameter(f'{opts.data} holds {len(dataset)} images; pass --seeds within 0-{len(dataset) - 1}',
-                                     param_hint='--seeds')
-        rows = []
-        for path in checkpoints.resolve_networks(opts.network, latest=opts.latest):
-            net, info = checkpoints.load_network(path, device=device, training_options=opts.training_options,
-                                                 allow_unsafe_pickle=opts.allow_unsafe_pickle)
-            channels = net.img_channels // 2 if info.ambient else net.img_channels
-            shape = [channels, net.img_resolution, net.img_resolution]
-            if dataset.image_shape != shape:
-                raise click.ClickException(f'{opts.data} holds images of shape {dataset.image_shape} but {path} '
-                                           f'denoises {shape}; convert the data with dataset_tool.py')
-            corruption = sampling_corruption(info, opts)
-            rows.append(denoising_error_curve(net, info, dataset, opts.seeds, opts.sigmas, corruption, opts.batch, device))
-            row = rows[-1]
-            click.echo(f'\n{path} (kimg {info.kimg}); {row["hidden_fraction"]:.1%} of pixels hidden from the network')
-            click.echo(f'{"sigma":>8} {"MSE visible":>12} {"MSE hidden":>12}')
-            for sigma, vis, hid in zip(row['sigmas'], row['mse_visible'], row['mse_hidden']):
-                click.echo(f'{sigma:>8g} {vis:>12.5f} {hid:>12.5f}')
-        os.makedirs(opts.outdir, exist_ok=True)
-        with atomic_write(os.path.join(opts.outdir, 'denoising-error.jsonl'), 'w') as f:
-            f.writelines(json.dumps(row) + '\n' for row in rows)
-        plot_denoising_error(os.path.join(opts.outdir, 'denoising-error.png'), rows)
-        click.echo(f'\nWrote {opts.outdir}/denoising-error.jsonl and denoising-error.png')
+    dataset = ImageFolderDataset(opts.data, mode='clean')
+    if max(opts.seeds) >= len(dataset) or min(opts.seeds) < 0:
+        raise click.BadParameter(f'{opts.data} holds {len(dataset)} images; pass --seeds within 0-{len(dataset) - 1}',
+                                 param_hint='--seeds')
+    rows = []
+    for path in snapshots.resolve_networks(opts.network, latest=opts.latest):
+        net, info = snapshots.load_network(path, device=device, training_options=opts.training_options,
+                                             allow_unsafe_pickle=opts.allow_unsafe_pickle)
+        channels = net.img_channels // 2 if info.ambient else net.img_channels
+        shape = [channels, net.img_resolution, net.img_resolution]
+        if dataset.image_shape != shape:
+            raise click.ClickException(f'{opts.data} holds images of shape {dataset.image_shape} but {path} '
+                                       f'denoises {shape}; convert the data with dataset_tool.py')
+        corruption = sampling_corruption(info, opts)
+        rows.append(denoising_error_curve(net, info, dataset, opts.seeds, opts.sigmas, corruption, opts.batch, device))
+        row = rows[-1]
+        click.echo(f'\n{path} (kimg {info.kimg}); {row["hidden_fraction"]:.1%} of pixels hidden from the network')
+        click.echo(f'{"sigma":>8} {"MSE visible":>12} {"MSE hidden":>12}')
+        for sigma, vis, hid in zip(row['sigmas'], row['mse_visible'], row['mse_hidden']):
+            click.echo(f'{sigma:>8g} {vis:>12.5f} {hid:>12.5f}')
+    os.makedirs(opts.outdir, exist_ok=True)
+    with atomic_write(os.path.join(opts.outdir, 'denoising-error.jsonl'), 'w') as f:
+        f.writelines(json.dumps(row) + '\n' for row in rows)
+    plot_denoising_error(os.path.join(opts.outdir, 'denoising-error.png'), rows)
+    click.echo(f'\nWrote {opts.outdir}/denoising-error.jsonl and denoising-error.png')
+
 
 main = cli
 

@@ -42,7 +42,7 @@ import tqdm
 
 import dnnlib
 from dnnlib.util import atomic_write
-from training.cli import check_subset_seed, one_line_errors
+from training.cli import check_subset_seed, command_body
 from torch_utils import distributed as dist
 from torch_utils.images import make_grid, save_png, to_uint8
 from training.dataset import ImageFolderDataset
@@ -395,11 +395,8 @@ def find_neighbors(opts):
     files = [files[i] for i in subset_indices(len(files), opts.max_size, opts.seed)]
     check_images(opts.input_dir, files, dataset.image_shape)
     dist.print0(f'Loading DINOv2 {opts.model} ...')
-    if dist.get_rank() != 0:
-        dist.barrier()  # Let rank 0 fill the Hugging Face cache.
-    net = load_model(opts.model, cache_dir=opts.cache_dir, device=device)
-    if dist.get_rank() == 0:
-        dist.barrier()
+    with dist.rank0_first():  # Rank 0 fills the Hugging Face cache.
+        net = load_model(opts.model, cache_dir=opts.cache_dir, device=device)
     params = preprocessing(net, opts.model, dataset.resolution, opts.image_size, opts.cache_dir)
     dist.print0(f'Preprocessing: {dataset.resolution}px -> {params.image_size}px {params.resample}, '
                 f'mean/std from {params.mean_std_from}')
@@ -463,20 +460,14 @@ def find_neighbors(opts):
 @click.option('--image_size',    help='Model input size, a multiple of the patch size (0: dataset resolution rounded up)', metavar='INT', type=click.IntRange(min=0), default=224, show_default=True)
 @click.option('--batch',         help='Images per batch and process',                      metavar='INT',   type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers',       help='Data loading worker processes per process',         metavar='INT',   type=click.IntRange(min=0), default=2, show_default=True)
-@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
-def main(dry_run, **kwargs):
+@command_body()
+def main(opts):
     """Nearest training images of generated images in DINOv2 feature space (memorization check)."""
-    opts = dnnlib.EasyDict(kwargs)
-    if dry_run:
-        click.echo(json.dumps(opts, indent=2))
-        return
     check_subset_seed(opts)
-    dist.init()
     if dist.get_rank() != 0:
         import transformers
         transformers.utils.logging.disable_progress_bar()
-    with one_line_errors():
-        find_neighbors(opts)
+    find_neighbors(opts)
 
 
 if __name__ == '__main__':

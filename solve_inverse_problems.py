@@ -28,16 +28,20 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
-from torch_utils import checkpoints
 from torch_utils import distributed as dist
 from torch_utils.ambient_diffusion import gaussian_kernel, get_operator
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
-from training import cli, samplers
+from training import cli, samplers, snapshots
 from training.dataset import ImageFolderDataset
-from training.training_loop import kimg_tag
+from training.snapshots import kimg_tag
 
 KINDS = ('ref', 'measurement', 'reconstruction', 'baseline')
+# The options that decide the outputs (recorded in the output directory's provenance.json with the network).
+OUTPUT_OPTIONS = ('corruption_pattern', 'operator_corruption_probability', 'operator_mask_full_rgb', 'downsampling_factor',
+                  'blur_type', 'kernel_size', 'kernel_std', 'intensity', 'num_measurements', 'dps_scale', 'norm',
+                  'corruption_probability', 'delta_probability', 'mask_full_rgb', 'steps', 'sigma_min', 'sigma_max',
+                  'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'solver', 'num_masks', 'guidance_scale', 'clipping')
 
 # ---------------------------------------------------------------------------------------------
 # Image quality.
@@ -209,14 +213,18 @@ def solve(opts):
     """Run every requested snapshot; returns {snapshot path: summary}."""
     operator = build_operator(opts)
     dataset = ImageFolderDataset(opts.measurements_path, mode='clean')
-    paths = checkpoints.resolve_networks(opts.network, latest=opts.latest)
+    paths = snapshots.resolve_networks(opts.network, latest=opts.latest)
     summaries = {}
     for path in paths:
-        net, info = checkpoints.load_network(path, device=dist.device(), training_options=opts.training_options,
+        net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                              allow_unsafe_pickle=opts.allow_unsafe_pickle)
         tag = kimg_tag(info.nimg) if info.nimg is not None else os.path.splitext(os.path.basename(path))[0]
         outdir = opts.outdir if len(paths) == 1 else os.path.join(opts.outdir, tag)
-        os.makedirs(outdir, exist_ok=True)
+        # Inputs that do not fit fail here, before anything is written.
+        _sampler_corruption(info, opts)
+        samplers.measure(operator, _load_refs(dataset, [min(opts.seeds), max(opts.seeds)], net, 'cpu')[:1], opts.seeds[:1])
+        cli.claim_output_dir(outdir, dict(network_sha256=cli.file_digest(path), **{key: opts[key] for key in OUTPUT_OPTIONS},
+                                          measurements=os.path.realpath(opts.measurements_path)))
         dist.print0(f'Network {path} ({info.format}, kimg {info.kimg}); operator {operator}')
         solve_images(net, info, operator, dataset, opts.seeds, outdir, opts)
         if dist.get_rank() == 0:
@@ -248,16 +256,10 @@ def solve(opts):
 @click.option('--norm',               help='DPS residual norm (batch = the original\'s, couples samples)', type=click.Choice(list(samplers.DPS_NORMS)), default='per_sample', show_default=True)
 @cli.sampling_mask_options
 @cli.sampler_options
-@click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)
-def main(dry_run, **kwargs):
+@cli.command_body()
+def main(opts):
     """Solve inverse problems (inpainting, super-resolution, deblurring, compressed sensing) with DPS."""
-    opts = dnnlib.EasyDict(kwargs)
-    if dry_run:
-        click.echo(json.dumps(opts, indent=2))
-        return
-    dist.init()
-    with cli.one_line_errors():
-        solve(opts)
+    solve(opts)
     dist.print0('Done.')
 
 

@@ -8,10 +8,12 @@ The command turns options into a config (`build_config`, no I/O) and hands it to
 in place, exactly where its last state dump left it.
 """
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import traceback
 
 import click
 import torch
@@ -19,11 +21,13 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils.misc import parse_int_list
-from training import training_loop
+from training import snapshots, training_loop
+from training.cli import one_line_errors
 
 ARCHS = ('ddpmpp', 'ncsnpp', 'adm')
 PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've')
 AMBIENT_PRECONDS = ('ambient', 'ambient_vp')
+DATA_KEYS = ('path', 'max_size', 'xflip', 'use_labels')  # what a resume may not change silently
 MASK_AWARE_COND_SIGMA_MIN = 0.1  # about the 18th percentile of EDM's training σ (ln σ ~ N(-1.2, 1.2²))
 
 
@@ -135,7 +139,7 @@ def run_dir_name(outdir, dataset_name, opts, world_size):
 
 def _resolve_resume(resume):
     if os.path.isdir(resume):
-        state = training_loop.find_latest_state(resume)
+        state = snapshots.find_latest_state(resume)
         if state is None:
             raise click.ClickException(f'--resume={resume}: no training-state-*.pt in that directory')
         return state
@@ -197,7 +201,8 @@ def _resolve_resume(resume):
 @click.option('--dump',         help='How often to dump state', metavar='TICKS',                 type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--seed',         help='Random seed  [default: random]', metavar='INT',            type=click.IntRange(min=0))
 @click.option('--transfer',     help='Initialise weights from a network snapshot', metavar='PT', type=str)
-@click.option('--resume',       help='Continue a run: its directory or a training-state file', metavar='DIR|PT', type=str)
+@click.option('--resume',       help='Continue a run: its directory or a training-state file (an older state branches into a new run directory)', metavar='DIR|PT', type=str)
+@click.option('--allow_data_change', help='Let --resume continue on other data than the run trained on', is_flag=True)
 @click.option('--wandb',        help='Weights & Biases logging',                                 type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True)
 @click.option('--tensorboard',  help='Write tensorboard event files', metavar='BOOL',            type=bool, default=False, show_default=True)
 @click.option('--experiment_name', help='Run name for wandb', metavar='STR',                     type=str)
@@ -207,41 +212,111 @@ def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     torch.multiprocessing.set_start_method('spawn', force=True)
     dist.init()
+    with one_line_errors():
+        train(opts)
+
+
+def train(opts):
+    """The command's work: options -> config -> run directory (locked) -> training loop."""
     world_size = dist.get_world_size()
 
-    # Resume: the same run, in place, with its own seed unless one is given.
-    resume_state = None
+    # Resume: the same run with its own seed unless one is given.
+    resume_state, state = None, None
     if opts.resume is not None:
         if opts.transfer is not None:
             raise ConfigError('--resume and --transfer cannot be combined: a resumed run already has its weights')
         resume_state = _resolve_resume(opts.resume)
+        state = snapshots.load_state(resume_state)
         if opts.seed is None:
-            opts.seed = torch.load(resume_state, map_location='cpu', weights_only=True)['config']['seed']
+            opts.seed = state['config']['seed']
+    elif opts.allow_data_change:
+        raise ConfigError('--allow_data_change only applies with --resume')
     if opts.seed is None:
         opts.seed = int(dist.broadcast(torch.tensor(secrets.randbelow(1 << 31), dtype=torch.int64)).item())
 
     c = build_config(opts, world_size)
     c.resume_state = resume_state
+    dataset_name = _check_dataset(c, opts)
+    if state is not None:
+        _check_resume(state, resume_state, c, opts)
+    c.run_dir, in_place = _choose_run_dir(opts, dataset_name, world_size, resume_state)
+    _print_summary(c, opts, world_size, resume_state, in_place)
+    if opts.dry_run:
+        dist.print0('Dry run; exiting.')
+        return
 
-    # Check the dataset now, with a clear message, rather than deep inside the loop.
-    from training.dataset import DatasetError
-    try:
-        dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
-    except DatasetError as e:
-        raise click.ClickException(str(e)) from None
-    dataset_name = dataset_obj.name
+    with dnnlib.util.directory_lock(c.run_dir) if dist.get_rank() == 0 else contextlib.nullcontext():
+        logger = None
+        if dist.get_rank() == 0:
+            _prepare_run_dir(c, in_place, opts.allow_data_change)
+            logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+        try:
+            training_loop.training_loop(**c)
+        except Exception:
+            if logger is not None:  # the terminal gets the error from click; log.txt records it too
+                logger.write_file(traceback.format_exc())
+            raise
+        finally:
+            if logger is not None:
+                logger.close()
+
+
+def _check_dataset(c, opts):
+    """Open the dataset now, for a clear message rather than one deep inside the loop; returns its name."""
+    dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
     c.dataset_kwargs.resolution = dataset_obj.resolution
     if opts.cond and not dataset_obj.has_labels:
         raise click.ClickException('--cond=True requires labels specified in dataset.json')
-    del dataset_obj
+    return dataset_obj.name
 
+
+def _check_resume(state, path, c, opts):
+    """A resume must continue the run: not past its end, and on the data it trained on (unless allowed)."""
+    if state['cur_nimg'] >= c.total_kimg * 1000:
+        raise ConfigError(f'{path} is already at {state["cur_nimg"] / 1000:g} kimg, the end of --duration='
+                          f'{opts.duration:g} Mimg; pass a longer --duration to train further')
+    saved, now = state['config'].get('dataset_kwargs') or {}, c.dataset_kwargs
+    same = lambda key, a, b: os.path.realpath(a) == os.path.realpath(b) if key == 'path' and a and b else a == b
+    diffs = [f'{key} {saved.get(key)!r} in the state, {now.get(key)!r} now' for key in DATA_KEYS
+             if not same(key, saved.get(key), now.get(key))]
+    if diffs and not opts.allow_data_change:
+        raise ConfigError(f'cannot resume: the run trained on other data ({"; ".join(diffs)}); pass the same --data, '
+                          '--max_size, --xflip and --cond, or --allow_data_change to continue on the new data')
+
+
+def _choose_run_dir(opts, dataset_name, world_size, resume_state):
+    """(run directory, whether it continues a run in place). A resume from the run's newest state continues in
+    place; one from an older state branches into a new run directory (EDM's behaviour), so nothing the run
+    wrote after that state is overwritten or mixed with the branch."""
     if resume_state is not None:
-        c.run_dir = os.path.dirname(os.path.abspath(resume_state))
-    elif opts.nosubdir:
-        c.run_dir = opts.outdir
-    else:
-        c.run_dir = run_dir_name(opts.outdir, dataset_name, opts, world_size)
+        state_dir = os.path.dirname(os.path.abspath(resume_state))
+        newest = snapshots.find_latest_state(state_dir)
+        if newest is not None and os.path.samefile(newest, resume_state):
+            return state_dir, True
+        if opts.nosubdir and os.path.abspath(opts.outdir) == state_dir:
+            raise ConfigError(f'--resume={resume_state} is older than the run\'s newest state {newest}; continuing in '
+                              f'{state_dir} would overwrite what the run wrote after it. Resume from {newest}, or '
+                              'branch from the older state into another directory (drop --nosubdir or change --outdir)')
+        dist.print0(f'{resume_state} is older than the run\'s newest state ({newest}): branching into a new run directory')
+    return (opts.outdir if opts.nosubdir else run_dir_name(opts.outdir, dataset_name, opts, world_size)), False
 
+
+def _prepare_run_dir(c, in_place, data_changed):
+    """Under the run directory's lock: refuse to start a new run over another one, remove the temporary files
+    of killed writes, and record the options (a new run, or a resume on changed data)."""
+    if not in_place and any(snapshots.SNAPSHOT_RE.match(f) or f.startswith('training-state-')
+                            for f in os.listdir(c.run_dir)):
+        raise ConfigError(f'{c.run_dir} already holds a training run (snapshots or training states); continue it '
+                          f'with --resume={c.run_dir} or choose another --outdir')
+    removed = dnnlib.util.remove_stale_temporaries(c.run_dir)
+    if removed:
+        print(f'Removed {len(removed)} temporary file(s) left by an interrupted write: {", ".join(removed)}')
+    if not in_place or data_changed:
+        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
+            json.dump(c, f, indent=2)
+
+
+def _print_summary(c, opts, world_size, resume_state, in_place):
     dist.print0()
     dist.print0('Training options:')
     dist.print0(json.dumps(c, indent=2))
@@ -252,27 +327,8 @@ def main(**kwargs):
     dist.print0(f'Network architecture:    {opts.arch}, precond {opts.precond}, gate {c.network_kwargs.gate}')
     dist.print0(f'Number of processes:     {world_size}')
     dist.print0(f'Batch size:              {c.batch_size} ({c.batch_gpu} per round)')
-    dist.print0(f'Resume:                  {resume_state or "no"}')
+    dist.print0(f'Resume:                  {resume_state or "no"}{" (in place)" if in_place else ""}')
     dist.print0()
-    if opts.dry_run:
-        dist.print0('Dry run; exiting.')
-        return
-
-    if dist.get_rank() == 0:
-        os.makedirs(c.run_dir, exist_ok=True)
-        if resume_state is None:
-            with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
-                json.dump(c, f, indent=2)
-        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
-    try:
-        training_loop.training_loop(**c)
-    except ValueError as e:
-        if str(e).startswith('cannot resume'):
-            raise click.ClickException(str(e)) from None
-        raise
-    finally:
-        if dist.get_rank() == 0:
-            logger.close()
 
 
 if __name__ == '__main__':

@@ -25,17 +25,17 @@ import shutil
 import time
 
 import click
-import numpy as np
 import torch
 import tqdm
 
 import dnnlib
-from training.cli import one_line_errors
 from torch_utils.ambient_diffusion import MASK_PATTERNS, MaskCorruption
 from torch_utils.images import save_image_grid
+from torch_utils.misc import seeded_generator
 from training import ambient_if
+from training.cli import one_line_errors
 from training.dataset import DatasetError, HFImageDataset, ImageFolderDataset
-from training.training_loop import atomic_torch_save
+from training.snapshots import atomic_torch_save
 
 LR_SCHEDULERS = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']
 
@@ -78,8 +78,7 @@ def make_dataset(c):
 
 def step_generator(seed, step, micro_step, process):
     """The generator of one micro-batch's noise, timesteps and B: a function of the run, not of RNG history."""
-    state = np.random.SeedSequence([seed, step, micro_step, process, 0x1F]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0]) % 2**63)
+    return seeded_generator(seed, step, micro_step, process, 0x1F)
 
 
 def checkpoint_dirs(output_dir):
@@ -198,13 +197,10 @@ def save_checkpoint(c, accelerator, step):
     accelerator.wait_for_everyone()
 
 
-def train(c):
-    """The training run described by the config `c` (see the click options)."""
+def make_accelerator(c):
+    """The Accelerator of the run; seeds shuffling and dropout and writes training_options.json."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
 
     if c.mixed_precision == 'fp16' and not torch.cuda.is_available():
         raise ValueError('--mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU')
@@ -212,18 +208,21 @@ def train(c):
         mixed_precision=c.mixed_precision, log_with=None if c.report_to == 'none' else c.report_to,
         project_config=ProjectConfiguration(project_dir=c.output_dir, logging_dir=os.path.join(c.output_dir, c.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=c.seed))
-    main = accelerator.is_main_process
-    log = accelerator.print
     set_seed(c.seed)  # DataLoader shuffling and dropout; noise, timesteps and masks use explicit generators.
     if c.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if main:
+    if accelerator.is_main_process:
         os.makedirs(c.output_dir, exist_ok=True)
         with dnnlib.util.atomic_write(os.path.join(c.output_dir, 'training_options.json'), 'w') as f:
             json.dump(c, f, indent=2)
+    return accelerator
 
-    # Models. The UNet trains in float32; mixed precision is autocast by accelerate.
+
+def load_models(c, accelerator):
+    """(IF scheduler, UNet in training mode, EMA or None). The UNet trains in float32; accelerate autocasts."""
+    from diffusers.training_utils import EMAModel
+
     scheduler = ambient_if.load_scheduler(c.pretrained_model_name_or_path, c.cache_dir)
     unet = ambient_if.load_unet(c.pretrained_model_name_or_path, c.cache_dir, c.variant)
     unet.train()
@@ -240,11 +239,18 @@ def train(c):
         ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    return scheduler, unet, ema
 
-    # Data and text conditioning.
-    dataset = make_dataset(c)
+
+def load_text_conditioning(c, accelerator, unet):
+    """(tokenizer, encoder, empty-prompt embedding, validation prompt embeddings or None).
+
+    The tokenizer and encoder are None unless training uses captions; the main process computes (and caches)
+    the empty-prompt embedding before the others read it.
+    """
     captions = c.dataset_name is not None and not c.empty_text and c.caption_column is not None
     tokenizer = encoder = None
+    main = accelerator.is_main_process
     empty = ambient_if.empty_prompt_embeds(c.empty_embeds, c.pretrained_model_name_or_path, c.cache_dir,
                                            device=accelerator.device) if main else None
     accelerator.wait_for_everyone()
@@ -263,14 +269,17 @@ def train(c):
                                        for p in c.validation_prompts])
     if not captions:
         tokenizer = encoder = None  # Only the empty prompt is used in training.
-    log(f'Dataset: {len(dataset)} images of {dataset.image_shape}, {dataset.corruption}, '
-        f'{"captions" if captions else "empty prompt"}')
+    return tokenizer, encoder, empty, validation_embeds
+
+
+def prepare_optimization(c, accelerator, unet, dataset):
+    """DataLoader, optimizer and LR schedule, prepared with the UNet by accelerate, and the run's step counts."""
+    from diffusers.optimization import get_scheduler
 
     loader = torch.utils.data.DataLoader(TrainingItems(dataset), batch_size=c.train_batch_size, shuffle=True,
         num_workers=c.dataloader_num_workers, drop_last=False)
     updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / c.gradient_accumulation_steps)
     max_steps = c.max_train_steps or c.num_train_epochs * updates_per_epoch
-    epochs = math.ceil(max_steps / updates_per_epoch)
     lr = c.learning_rate
     if c.scale_lr:
         lr *= c.gradient_accumulation_steps * c.train_batch_size * accelerator.num_processes
@@ -279,99 +288,158 @@ def train(c):
         num_warmup_steps=c.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    if main:
-        accelerator.init_trackers(c.tracker_project_name, config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                                   for k, v in c.items()})
+    return dnnlib.EasyDict(unet=unet, optimizer=optimizer, loader=loader, lr_scheduler=lr_scheduler,
+        updates_per_epoch=updates_per_epoch, max_steps=max_steps, epochs=math.ceil(max_steps / updates_per_epoch))
 
-    global_step = 0
-    resume = resolve_resume(c)
-    if resume is not None:
-        log(f'Resuming from {resume}')
-        accelerator.load_state(resume)
-        if ema is not None:
-            ema.to(accelerator.device)  # accelerate loads custom states onto the CPU.
-        global_step = int(resume.rstrip('/').rsplit('-', 1)[1])
-    first_epoch = global_step // updates_per_epoch
-    skip_batches = (global_step % updates_per_epoch) * c.gradient_accumulation_steps
-    # Validation samples as if_inference.py does by default: posterior variance (the variance channels are not trained).
-    validation_scheduler = DDPMScheduler.from_config(scheduler.config, variance_type='fixed_small')
-    corruption = MaskCorruption(c.corruption_pattern, c.corruption_probability, c.delta_probability, mask_full_rgb=True)
-    log(f'{max_steps} optimizer steps of {c.train_batch_size} x {accelerator.num_processes} processes x '
-        f'{c.gradient_accumulation_steps} accumulation; {epochs} epochs; starting at step {global_step}')
 
-    stats_path = os.path.join(c.output_dir, 'stats.jsonl')
-    if main and os.path.isfile(stats_path):  # Drop lines of steps after the checkpoint we resume from.
-        with open(stats_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)['step'] <= global_step]
-        with dnnlib.util.atomic_write(stats_path, 'w') as f:
+def resume(c, accelerator, ema):
+    """Load the checkpoint named by --resume_from_checkpoint, if any; returns its step (0 for a new run)."""
+    path = resolve_resume(c)
+    if path is None:
+        return 0
+    accelerator.print(f'Resuming from {path}')
+    accelerator.load_state(path)
+    if ema is not None:
+        ema.to(accelerator.device)  # accelerate loads custom states onto the CPU.
+    return int(path.rstrip('/').rsplit('-', 1)[1])
+
+
+def truncate_stats(path, step):
+    """Drop the stats.jsonl lines of steps after `step` (written after the checkpoint a run resumes from)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+        with dnnlib.util.atomic_write(path, 'w') as f:
             f.writelines(kept)
+
+
+def train_micro_batch(c, run, batch, step, micro):
+    """Forward and backward pass of one micro-batch, and the optimizer update when gradients sync.
+
+    Noise, timesteps and B come from `step_generator(seed, step, micro-step, process)`. Sets batch['hat_mask'] to
+    the Ã used; returns (diagnostics, tensors for pictures).
+    """
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.unet):
+        generator = step_generator(c.seed, step, micro % c.gradient_accumulation_steps, accelerator.process_index)
+        mask = batch['mask']
+        hat = batch['hat_mask'] if c.fixed_hat_mask else run.corruption.sample_hat_mask(mask, generator=generator)
+        batch['hat_mask'] = hat
+        if run.encoder is not None:
+            embeds = ambient_if.encode_prompts(run.tokenizer, run.encoder, batch['caption'])
+        else:
+            embeds = run.empty.expand(mask.shape[0], -1, -1)
+        clean = batch['image'] if c.clean_diagnostics else None
+        with accelerator.autocast():
+            loss, stats, pics = ambient_if.ambient_if_step(run.unet, run.scheduler, batch['image'], mask, hat,
+                embeds.float(), generator=generator, noise_offset=c.noise_offset, clean=clean)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and c.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.unet.parameters(), c.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return stats, pics
+
+
+def log_step(c, run, window, step, epoch, start, progress):
+    """Log one optimizer step: the diagnostics summed in `window`, averaged over micro-batches and processes."""
+    accelerator = run.accelerator
+    count = window.pop('micro_batches')
+    names = sorted(window)
+    values = accelerator.reduce(torch.stack([window[k] / count for k in names]), reduction='mean')
+    line = dict(step=step, epoch=epoch, lr=run.lr_scheduler.get_last_lr()[0],
+                **{k: float(v) for k, v in zip(names, values)}, sec=time.time() - start)
+    accelerator.log({k: v for k, v in line.items() if k != 'step'}, step=step)
+    if accelerator.is_main_process:
+        with open(os.path.join(c.output_dir, 'stats.jsonl'), 'a') as f:
+            f.write(json.dumps(line) + '\n')
+        progress.update(1)
+        progress.set_postfix(loss=f'{line["loss"]:.4f}', loss_hat=f'{line["loss_hat"]:.4f}')
+
+
+def save_and_validate(c, run, step, done):
+    """The checkpoint, state dict and validation samples due after `step` optimizer updates (all at the end)."""
+    accelerator = run.accelerator
+    main = accelerator.is_main_process
+    if step % c.checkpointing_steps == 0 or done:
+        save_checkpoint(c, accelerator, step)
+    if main and (step % c.state_dict_steps == 0 or done):
+        atomic_torch_save(ema_weights(accelerator.unwrap_model(run.unet), run.ema),
+                          os.path.join(c.output_dir, f'state_dict_{step}.pt'))
+    if main and run.validation_embeds is not None and (step % c.validation_steps == 0 or done):
+        run_validation(c, accelerator, run.unet, run.ema, run.validation_scheduler, run.validation_embeds, step)
+
+
+def train_steps(c, run, global_step, start):
+    """Optimizer steps from `global_step` to `run.max_steps`; returns the last step.
+
+    A resumed run skips the batches its checkpoint already saw. `start` is the time stats.jsonl's `sec` counts from.
+    """
+    accelerator = run.accelerator
+    first_epoch = global_step // run.updates_per_epoch
+    skip_batches = (global_step % run.updates_per_epoch) * c.gradient_accumulation_steps
     window = {}  # Diagnostics summed over the micro-batches of one optimizer step.
-    progress = tqdm.tqdm(total=max_steps, initial=global_step, disable=not main, desc='steps')
-    start = time.time()
-    for epoch in range(first_epoch, epochs):
-        if global_step >= max_steps:
+    progress = tqdm.tqdm(total=run.max_steps, initial=global_step, disable=not accelerator.is_main_process, desc='steps')
+    for epoch in range(first_epoch, run.epochs):
+        if global_step >= run.max_steps:
             break
-        loader.set_epoch(epoch)
-        batches = loader
+        run.loader.set_epoch(epoch)
+        batches = run.loader
         if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(loader, skip_batches)
+            batches = accelerator.skip_first_batches(run.loader, skip_batches)
         for micro, batch in enumerate(batches):
-            with accelerator.accumulate(unet):
-                generator = step_generator(c.seed, global_step, micro % c.gradient_accumulation_steps,
-                                           accelerator.process_index)
-                mask = batch['mask']
-                hat = batch['hat_mask'] if c.fixed_hat_mask else corruption.sample_hat_mask(mask, generator=generator)
-                batch['hat_mask'] = hat
-                if encoder is not None:
-                    embeds = ambient_if.encode_prompts(tokenizer, encoder, batch['caption'])
-                else:
-                    embeds = empty.expand(mask.shape[0], -1, -1)
-                clean = batch['image'] if c.clean_diagnostics else None
-                with accelerator.autocast():
-                    loss, stats, pics = ambient_if.ambient_if_step(unet, scheduler, batch['image'], mask, hat,
-                        embeds.float(), generator=generator, noise_offset=c.noise_offset, clean=clean)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and c.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet.parameters(), c.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            stats, pics = train_micro_batch(c, run, batch, global_step, micro)
             for k, v in stats.items():
                 window[k] = window.get(k, 0) + v.float()
             window['micro_batches'] = window.get('micro_batches', 0) + 1
-            if main and micro == 0:  # What the first step of each epoch saw.
+            if accelerator.is_main_process and micro == 0:  # What the first step of each epoch saw.
                 save_artifacts(c, batch, pics, global_step)
             if not accelerator.sync_gradients:
                 continue
-            if ema is not None:
-                ema.step(unet.parameters())
+            if run.ema is not None:
+                run.ema.step(run.unet.parameters())
             global_step += 1
-            count = window.pop('micro_batches')
-            names = sorted(window)
-            values = accelerator.reduce(torch.stack([window[k] / count for k in names]), reduction='mean')
+            log_step(c, run, window, global_step, epoch, start, progress)
             window = {}
-            line = dict(step=global_step, epoch=epoch, lr=lr_scheduler.get_last_lr()[0],
-                        **{k: float(v) for k, v in zip(names, values)}, sec=time.time() - start)
-            accelerator.log({k: v for k, v in line.items() if k != 'step'}, step=global_step)
-            if main:
-                with open(stats_path, 'a') as f:
-                    f.write(json.dumps(line) + '\n')
-                progress.update(1)
-                progress.set_postfix(loss=f'{line["loss"]:.4f}', loss_hat=f'{line["loss_hat"]:.4f}')
-            done = global_step >= max_steps
-            if global_step % c.checkpointing_steps == 0 or done:
-                save_checkpoint(c, accelerator, global_step)
-            if main and (global_step % c.state_dict_steps == 0 or done):
-                atomic_torch_save(ema_weights(accelerator.unwrap_model(unet), ema),
-                                  os.path.join(c.output_dir, f'state_dict_{global_step}.pt'))
-            if main and validation_embeds is not None and (global_step % c.validation_steps == 0 or done):
-                run_validation(c, accelerator, unet, ema, validation_scheduler, validation_embeds, global_step)
+            done = global_step >= run.max_steps
+            save_and_validate(c, run, global_step, done)
             if done:
                 break
     progress.close()
+    return global_step
+
+
+def train(c):
+    """The training run described by the config `c` (see the click options)."""
+    from diffusers import DDPMScheduler
+
+    accelerator = make_accelerator(c)
+    run = dnnlib.EasyDict(accelerator=accelerator)  # What the training steps use.
+    run.scheduler, unet, run.ema = load_models(c, accelerator)
+    dataset = make_dataset(c)
+    run.tokenizer, run.encoder, run.empty, run.validation_embeds = load_text_conditioning(c, accelerator, unet)
+    accelerator.print(f'Dataset: {len(dataset)} images of {dataset.image_shape}, {dataset.corruption}, '
+                      f'{"captions" if run.encoder is not None else "empty prompt"}')
+    run.update(prepare_optimization(c, accelerator, unet, dataset))
+    if accelerator.is_main_process:
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in c.items()}
+        accelerator.init_trackers(c.tracker_project_name, config=config)
+    global_step = resume(c, accelerator, run.ema)
+    # Validation samples as if_inference.py does by default: posterior variance (the variance channels are not trained).
+    run.validation_scheduler = DDPMScheduler.from_config(run.scheduler.config, variance_type='fixed_small')
+    run.corruption = MaskCorruption(c.corruption_pattern, c.corruption_probability, c.delta_probability,
+                                    mask_full_rgb=True)
+    accelerator.print(f'{run.max_steps} optimizer steps of {c.train_batch_size} x {accelerator.num_processes} '
+                      f'processes x {c.gradient_accumulation_steps} accumulation; {run.epochs} epochs; '
+                      f'starting at step {global_step}')
+    if accelerator.is_main_process:
+        truncate_stats(os.path.join(c.output_dir, 'stats.jsonl'), global_step)
+    start = time.time()
+    global_step = train_steps(c, run, global_step, start)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    log(f'Done: {global_step} steps in {time.time() - start:.1f} s; outputs in {c.output_dir}')
+    accelerator.print(f'Done: {global_step} steps in {time.time() - start:.1f} s; outputs in {c.output_dir}')
 
 
 @click.command()

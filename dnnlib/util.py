@@ -56,7 +56,7 @@ class _TeeStream:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        self._logger._write_file(text)
+        self._logger.write_file(text)
         self._stream.write(text)
         if self._logger.should_flush:
             self._stream.flush()
@@ -94,7 +94,8 @@ class Logger:
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         self.close()
 
-    def _write_file(self, text: str) -> None:
+    def write_file(self, text: str) -> None:
+        """Write `text` to the log file only (not to the terminal)."""
         if self.file is not None and text:
             self.file.write(text)
             if self.should_flush:
@@ -106,7 +107,7 @@ class Logger:
 
     def write(self, text: str) -> int:
         """Write `text` to the log file and the original stdout."""
-        self._write_file(text)
+        self.write_file(text)
         self.stdout.write(text)
         if self.should_flush:
             self.stdout.flush()
@@ -156,28 +157,26 @@ def make_cache_dir_path(*paths: str) -> str:
 # Formatting.
 
 
-def format_time(seconds: float) -> str:
-    """Human-readable duration: '42s', '3m 07s', '2h 03m 07s', '1d 02h 03m'."""
+def _time_units(seconds: float) -> list:
+    """The nonzero-leading units of a duration, most significant first: ['2h', '03m', '07s']."""
     s = int(round(seconds))
     if s < 60:
-        return f'{s}s'
+        return [f'{s}s']
     if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02d}s'
+        return [f'{s // 60}m', f'{s % 60:02d}s']
     if s < 24 * 60 * 60:
-        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
-    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+        return [f'{s // 3600}h', f'{(s // 60) % 60:02d}m', f'{s % 60:02d}s']
+    return [f'{s // 86400}d', f'{(s // 3600) % 24:02d}h', f'{(s // 60) % 60:02d}m']
+
+
+def format_time(seconds: float) -> str:
+    """Human-readable duration: '42s', '3m 07s', '2h 03m 07s', '1d 02h 03m'."""
+    return ' '.join(_time_units(seconds))
 
 
 def format_time_brief(seconds: float) -> str:
     """Two most significant units only: '42s', '3m 07s', '2h 03m', '1d 02h'."""
-    s = int(round(seconds))
-    if s < 60:
-        return f'{s}s'
-    if s < 60 * 60:
-        return f'{s // 60}m {s % 60:02d}s'
-    if s < 24 * 60 * 60:
-        return f'{s // 3600}h {(s // 60) % 60:02d}m'
-    return f'{s // 86400}d {(s // 3600) % 24:02d}h'
+    return ' '.join(_time_units(seconds)[:2])
 
 
 # ----------------------------------------------------------------------------
@@ -314,6 +313,42 @@ def atomic_write(path: str, mode: str = 'wb', encoding: Optional[str] = None):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+_TEMPORARY_RE = re.compile(r'^\..+\.[A-Za-z0-9_]{6,}\.tmp$')  # what atomic_write's mkstemp names look like
+
+
+def remove_stale_temporaries(directory: str) -> list:
+    """Delete the temporary files a killed `atomic_write` left in `directory`; returns their names.
+    Call it only while holding the directory's lock (`directory_lock`): a live writer's file would go too."""
+    removed = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if _TEMPORARY_RE.match(name) and os.path.isfile(os.path.join(directory, name)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+    return removed
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str):
+    """Hold an exclusive lock on `directory` (an advisory `flock` on its `.lock` file) for the block.
+
+    Another process holding it is a ValueError naming the directory. The kernel releases the lock when the
+    holder exits, killed or not, so a stale lock never blocks a later run."""
+    import fcntl
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, '.lock')
+    with open(path, 'a') as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f'{directory} is in use by another process (it holds {path}); wait for that run to '
+                             'finish or choose another output directory') from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def is_url(obj: Any, allow_file_urls: bool = False) -> bool:

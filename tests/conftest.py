@@ -79,5 +79,12 @@ def image_zip(tmp_path):
 @pytest.fixture(scope='session')
 def tiny_if(tmp_path_factory):
     """A tiny random IF stage-I pipeline (16x16, IF's UNet layout, T5 + tokenizer) saved as a local model dir."""
-    from training.ambient_if import save_tiny_if
+    from fixtures import save_tiny_if
     return save_tiny_if(tmp_path_factory.mktemp('tiny_if') / 'IF-I-tiny', resolution=16)
+
+
+def train_options(args):
+    """The option values `train.py` parses from `args`, as `train.build_config` takes them (nothing runs)."""
+    import dnnlib
+    import train
+    return dnnlib.EasyDict(train.main.make_context('train.py', [str(a) for a in args]).params)

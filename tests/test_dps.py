@@ -243,8 +243,22 @@ def test_cli_errors(setup, tmp_path):
     result = CliRunner().invoke(solve_cli.main, [str(a) for a in args + ['--seeds=0-20']])
     assert result.exit_code != 0 and 'holds 8 images' in result.output
     result = CliRunner().invoke(solve_cli.main, [str(a) for a in args + ['--corruption_pattern=averaging',
-                                                                          '--downsampling_factor=3']])
+                                                                          '--downsampling_factor=3', '--seeds=0-3']])
     assert result.exit_code != 0 and 'downsampling_factor=3' in result.output
+    assert os.listdir(tmp_path) == []  # bad input: nothing written
+
+
+def test_cli_refuses_outputs_of_other_settings(setup, tmp_path):
+    run_dir, data = setup
+    out = tmp_path / 'out'
+    _solve(run_dir, data, out, '--corruption_pattern=dust', '--seeds=0')
+    before = open(out / 'metrics.jsonl').read()
+    result = CliRunner().invoke(solve_cli.main, [str(a) for a in ['--network', run_dir, '--latest', '--measurements_path',
+        data, '--outdir', out, '--seeds=0', '--batch=2', '--steps=2', '--corruption_pattern=dust',
+        '--operator_corruption_probability=0.7']])
+    assert result.exit_code != 0 and 'operator_corruption_probability: None there, 0.7 now' in result.output
+    assert 'dps_scale' not in result.output  # only the differing settings are named
+    assert open(out / 'metrics.jsonl').read() == before
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,12 +10,14 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from click.testing import CliRunner
 
 import eval as eval_cli
 import train
-from training import metrics
 from conftest import REPO, random_images, write_edm_dataset
+from test_samplers import GaussianNet
+from fixtures import save_tiny_detector
 
 TINY = ['--cbase=8', '--cres=1,2', '--num_blocks=1', '--attn=8', '--batch=4', '--lr=1e-3', '--lr_rampup=0',
         '--workers=0', '--augment=0', '--dropout=0', '--ema=0.001', '--duration=0.000008', '--nosubdir', '--seed=0']
@@ -80,7 +83,7 @@ def test_corruption_override_changes_samples(run_dir, tmp_path):
 
 
 def test_generate_and_score(run_dir, tmp_path):
-    detector = metrics.save_tiny_detector(str(tmp_path / 'tiny.pt'), seed=0, feature_dim=8)
+    detector = save_tiny_detector(str(tmp_path / 'tiny.pt'), seed=0, feature_dim=8)
     ref = tmp_path / 'ref.npz'
     data = write_edm_dataset(tmp_path / 'ref.zip', random_images(12, channels=3, resolution=16, seed=9))
     invoke(eval_cli.cli, ['ref', '--data', data, '--dest', ref, '--detector', detector, '--workers=0'])
@@ -102,7 +105,7 @@ def test_generate_errors(run_dir, tmp_path):
     assert result.exit_code != 0 and '--watch' in result.output
 
 
-def test_clean_network_uses_edm_sampler(tmp_path):
+def test_clean_network_uses_edm_sampler(tmp_path, monkeypatch):
     data = write_edm_dataset(tmp_path / 'data.zip', random_images(4, channels=1, resolution=16, seed=5))
     invoke(train.main, ['--outdir', tmp_path / 'run', '--data', data, '--precond=edm', '--corruption_probability=0',
                         '--delta_probability=0', *TINY])
@@ -112,6 +115,26 @@ def test_clean_network_uses_edm_sampler(tmp_path):
     result = invoke(eval_cli.cli, ['generate', '--network', tmp_path / 'run', '--latest', '--outdir', tmp_path / 'o2',
                                    '--num_masks=2'], expect_ok=False)
     assert 'clean (non-ambient) network' in result.output
+
+    # The snapshot's network swapped for the exact denoiser of data N(μ, s²): along the probability-flow ODE
+    # dx/dσ = (x − D(x, σ))/σ, (x − μ)/sqrt(s² + σ²) is constant, so x_T = σmax·z ends at
+    # x_0 = μ + s/sqrt(s² + σmax²)·(σmax·z − μ), z the latents of the seed (EDM: randn after manual_seed(seed)).
+    mu, s, sigma_max = 0.1, 0.3, 80.0
+    load_network = eval_cli.snapshots.load_network
+
+    def load_exact_denoiser(path, **kwargs):
+        _, info = load_network(path, **kwargs)
+        return GaussianNet(mu, s, channels=1, resolution=16).eval(), info
+
+    monkeypatch.setattr(eval_cli.snapshots, 'load_network', load_exact_denoiser)
+    invoke(eval_cli.cli, ['generate', '--network', tmp_path / 'run', '--latest', '--outdir', tmp_path / 'exact',
+                          '--seeds=0-3', '--steps=100', f'--sigma_max={sigma_max}'])
+    for seed in range(4):
+        z = torch.randn([16, 16], generator=torch.Generator().manual_seed(seed)).double().numpy()
+        x0 = np.clip(mu + s / math.sqrt(s ** 2 + sigma_max ** 2) * (sigma_max * z - mu), -1, 1)
+        image = np.array(PIL.Image.open(tmp_path / 'exact' / '000000.008' / f'{seed:06d}.png'), dtype=np.float64)
+        # PNG rounding (half a level) plus Heun's error at 100 steps (under 0.003, i.e. 0.4 levels).
+        np.testing.assert_array_less(np.abs(image.reshape(16, 16) - (x0 + 1) * 127.5), 0.5 + 0.003 * 127.5)
 
 
 @pytest.mark.slow
@@ -165,10 +188,10 @@ def test_snapshot_that_names_a_foreign_class_runs_nothing(tmp_path):
     import torch
 
     import solve_inverse_problems
-    from training import training_loop
+    from training import snapshots
     sentinel = tmp_path / 'PWNED'
     path = tmp_path / 'network-snapshot-000001.pt'
-    torch.save(dict(format=training_loop.SNAPSHOT_FORMAT, ema={}, nimg=1000,
+    torch.save(dict(format=snapshots.SNAPSHOT_FORMAT, ema={}, nimg=1000,
                     network_kwargs={'class_name': 'os.system', 'command': f'touch {sentinel}'}), path)
     data = write_edm_dataset(tmp_path / 'data.zip', random_images(4, channels=3, resolution=16, seed=1))
     for command, args in [

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import REPO, random_images, write_edm_dataset
+from fixtures import save_tiny_if_upscaler
 
 ENV = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', WANDB_MODE='disabled', OMP_NUM_THREADS='2')
 
@@ -122,7 +123,6 @@ def test_hf_imagefolder_with_captions_and_other_options(tmp_path, tiny_if):
 
 
 def test_inference_is_batch_independent_resumable_and_upscales(tmp_path, trained, tiny_if):
-    from training.ambient_if import save_tiny_if_upscaler
     upscaler = save_tiny_if_upscaler(tmp_path / 'IF-II-tiny', resolution=32)
     ckpt = os.path.join(trained, 'state_dict_4.pt')
     common = ['--pretrained_model_name_or_path', tiny_if, '--checkpoint_path', ckpt, '--num_images', 3,

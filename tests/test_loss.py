@@ -1,11 +1,16 @@
 """Tests for training/loss.py against closed forms, float64 recomputations and invariants."""
 
+import inspect
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
+import dnnlib
+import train
+from conftest import train_options
 from training.loss import AmbientLoss, AmbientVPLoss, EDMLoss, VELoss, VPLoss, edm_weight, vp_sigma
 
 
@@ -170,12 +175,52 @@ def test_ambient_vp_weight():
     torch.testing.assert_close(loss, (A * (D - x0)) ** 2 / sigma ** 2)
 
 
-def test_config_round_trip():
-    cfg = AmbientLoss(norm=1, hidden_precond='mask_aware').to_dict()
-    assert cfg == dict(class_name='training.loss.AmbientLoss', P_mean=-1.2, P_std=1.2, sigma_data=0.5, norm=1,
-                       hidden_precond='mask_aware')
-    cfg.pop('class_name')
-    assert AmbientLoss(**cfg).to_dict() == AmbientLoss(norm=1, hidden_precond='mask_aware').to_dict()
+def loss_value(loss_fn):
+    """The per-pixel loss of `loss_fn` on fixed inputs, network and per-sample generators."""
+    x0, A, A_hat = batch()
+    generators = [torch.Generator().manual_seed(s) for s in range(len(x0))]
+    if isinstance(loss_fn, (AmbientLoss, AmbientVPLoss)):
+        return loss_fn(Recorder(out_channels=3, in_channels=6), A * x0, A, A_hat, generator=generators)[0]
+    return loss_fn(Recorder(), x0, generator=generators)[0]
+
+
+# Every option away from its default, so that a dropped or mangled one changes the reconstructed loss.
+ROUND_TRIP = [
+    (EDMLoss, dict(P_mean=-1.0, P_std=1.4, sigma_data=0.6)),
+    (VPLoss, dict(beta_d=18.0, beta_min=0.2, epsilon_t=1e-3)),
+    (VELoss, dict(sigma_min=0.05, sigma_max=50.0)),
+    (AmbientLoss, dict(P_mean=-1.0, P_std=1.4, sigma_data=0.6, norm=1, hidden_precond='mask_aware')),
+    (AmbientVPLoss, dict(beta_d=18.0, beta_min=0.2, epsilon_t=1e-3, norm=1, hidden_precond='mask_aware',
+                         sigma_data=0.6)),
+]
+
+
+@pytest.mark.parametrize('cls,kwargs', ROUND_TRIP, ids=[cls.__name__ for cls, _ in ROUND_TRIP])
+def test_config_round_trip(cls, kwargs):
+    """kwargs -> loss -> to_dict() -> JSON (as checkpoints store it) -> construct_class_by_name -> the same loss."""
+    original = cls(**kwargs)
+    cfg = json.loads(json.dumps(original.to_dict()))
+    assert cfg == dict(class_name=f'training.loss.{cls.__name__}', **kwargs)
+    rebuilt = dnnlib.util.construct_class_by_name(**cfg)
+    assert type(rebuilt) is cls
+    expected = loss_value(original)
+    assert torch.equal(loss_value(rebuilt), expected)
+    for key in kwargs:  # each option matters on these inputs, so the equality above can fail
+        default = inspect.signature(cls).parameters[key].default
+        assert not torch.equal(loss_value(cls(**dict(kwargs, **{key: default}))), expected), key
+
+
+@pytest.mark.parametrize('precond', ['ambient', 'ambient_vp', 'edm', 'vp', 've'])
+def test_loss_kwargs_of_train_config_round_trip(precond):
+    """The loss_kwargs train.py records build a loss whose to_dict() rebuilds the same loss."""
+    extra = ['--norm=1', '--hidden_precond=original'] if precond.startswith('ambient') else ['--delta_probability=0']
+    opts = train_options(['--outdir=unused', '--data=unused', '--precond', precond, *extra])
+    loss_kwargs = json.loads(json.dumps(train.build_config(opts).loss_kwargs))
+    original = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    cfg = json.loads(json.dumps(original.to_dict()))
+    assert loss_kwargs.items() <= cfg.items()
+    rebuilt = dnnlib.util.construct_class_by_name(**cfg)
+    assert type(rebuilt) is type(original) and torch.equal(loss_value(rebuilt), loss_value(original))
 
 
 def test_per_sample_generators_make_draws_batch_independent():

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 import dnnlib
 import eval as eval_cmd
 from conftest import REPO, random_images, write_edm_dataset
+from fixtures import TinyDetector, save_tiny_detector
 from torch_utils import distributed
 from training import metrics
 
@@ -36,7 +37,7 @@ def single_process(monkeypatch):
 
 @pytest.fixture
 def detector_file(tmp_path):
-    return metrics.save_tiny_detector(str(tmp_path / 'tiny.pt'), seed=3, feature_dim=FEATURES)
+    return save_tiny_detector(str(tmp_path / 'tiny.pt'), seed=3, feature_dim=FEATURES)
 
 
 def _random_stats(rng, dim, shift=0.0):
@@ -143,7 +144,7 @@ def test_subset_indices():
 
 def test_tiny_detector_interface(tmp_path):
     rng_state = torch.get_rng_state()
-    net = metrics.TinyDetector(seed=1, feature_dim=FEATURES)
+    net = TinyDetector(seed=1, feature_dim=FEATURES)
     assert torch.equal(torch.get_rng_state(), rng_state)  # seeded privately
     images = torch.from_numpy(random_images(5, resolution=16)).permute(0, 3, 1, 2).contiguous()
     features = net(images, return_features=True)
@@ -151,10 +152,10 @@ def test_tiny_detector_interface(tmp_path):
     assert features.shape == (5, FEATURES) and probs.shape == (5, 1008)
     torch.testing.assert_close(probs.sum(1), torch.ones(5))
     assert not torch.allclose(probs, net(images))  # the output bias matters
-    torch.testing.assert_close(features, metrics.TinyDetector(seed=1, feature_dim=FEATURES)(images, return_features=True))
-    assert not torch.allclose(features, metrics.TinyDetector(seed=2, feature_dim=FEATURES)(images, return_features=True))
+    torch.testing.assert_close(features, TinyDetector(seed=1, feature_dim=FEATURES)(images, return_features=True))
+    assert not torch.allclose(features, TinyDetector(seed=2, feature_dim=FEATURES)(images, return_features=True))
 
-    detector = metrics.load_detector(metrics.save_tiny_detector(str(tmp_path / 'd.pt'), seed=1, feature_dim=FEATURES))
+    detector = metrics.load_detector(save_tiny_detector(str(tmp_path / 'd.pt'), seed=1, feature_dim=FEATURES))
     torch.testing.assert_close(detector.features(images), features)
     torch.testing.assert_close(detector.probabilities(images), probs)
     gray = images[:, :1]
@@ -167,7 +168,7 @@ def test_detector_url_is_read_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     cached = dnnlib.util.url_cache_path(metrics.INCEPTION_URL)
     os.makedirs(os.path.dirname(cached))
-    metrics.save_tiny_detector(cached, feature_dim=FEATURES)
+    save_tiny_detector(cached, feature_dim=FEATURES)
     monkeypatch.setattr(dnnlib.util, '_download', lambda *a, **k: pytest.fail('must not download'))
     assert isinstance(metrics.load_detector(metrics.INCEPTION_URL), metrics.Detector)
 
@@ -232,7 +233,7 @@ def _persistence_pickle(monkeypatch, module_src, class_name, state, protocol):
 def test_persistence_pickle_with_torchscript_loads_without_running_code(tmp_path, monkeypatch, protocol):
     marker = tmp_path / 'source-ran'
     script = tmp_path / 'tiny.pt'
-    metrics.save_tiny_detector(str(script), seed=4, feature_dim=FEATURES)
+    save_tiny_detector(str(script), seed=4, feature_dim=FEATURES)
     src = f'import pathlib\npathlib.Path({str(marker)!r}).touch()\nclass InceptionWrapper: pass\n'
     state = dict(training=False, _parameters=OrderedDict(), _buffers=OrderedDict(scale=torch.ones(2)),
                  _modules=OrderedDict(), _non_persistent_buffers_set=set(), _init_kwargs=dnnlib.EasyDict(),
@@ -242,7 +243,7 @@ def test_persistence_pickle_with_torchscript_loads_without_running_code(tmp_path
 
     detector = metrics.load_detector(str(path))
     images = torch.from_numpy(random_images(3, resolution=16)).permute(0, 3, 1, 2)
-    expected = metrics.TinyDetector(seed=4, feature_dim=FEATURES)(images, return_features=True)
+    expected = TinyDetector(seed=4, feature_dim=FEATURES)(images, return_features=True)
     torch.testing.assert_close(detector(images, return_features=True), expected)
     assert not marker.exists()
 

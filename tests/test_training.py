@@ -10,9 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 import train
-from training import training_loop
-from conftest import REPO, random_images, write_edm_dataset
+from torch_utils.ambient_diffusion import MaskCorruption
+from training import snapshots, training_loop
+from training.loss import AmbientLoss
+from conftest import REPO, random_images, train_options, write_edm_dataset
 
 TINY = ['--cbase=8', '--cres=1,2', '--num_blocks=1', '--attn=8', '--batch=4', '--lr=1e-3', '--lr_rampup=0',
         '--workers=0', '--augment=0', '--dropout=0', '--ema=0.001']
@@ -72,7 +75,7 @@ def test_two_ticks_write_run_directory(tmp_path, data):
     assert rows[-1]['Progress/kimg']['mean'] == pytest.approx(0.016)
     assert 'tick 2' in open(os.path.join(run_dir, 'log.txt')).read()
     # The snapshot is data: weights_only loading, the network rebuilds from it.
-    net, snap = training_loop.load_snapshot(os.path.join(run_dir, 'network-snapshot-000000.016.pt'))
+    net, snap = snapshots.load_snapshot(os.path.join(run_dir, 'network-snapshot-000000.016.pt'))
     assert snap['corruption']['corruption_probability'] == 0.5 and snap['nimg'] == 16
     x = torch.zeros(2, 6, 16, 16)
     assert net(x, torch.ones(2)).shape == (2, 3, 16, 16)
@@ -93,7 +96,7 @@ def test_every_precond_trains(tmp_path, data, precond):
     extra = ['--delta_probability=0'] if precond not in ('ambient', 'ambient_vp') else []
     run(['--outdir', tmp_path, '--data', data, steps(2), '--precond', precond, *extra, *TINY])
     snap = sorted(glob.glob(os.path.join(only_run_dir(tmp_path), 'network-snapshot-*.pt')))[-1]
-    net, _ = training_loop.load_snapshot(snap)
+    net, _ = snapshots.load_snapshot(snap)
     channels = 6 if precond.startswith('ambient') else 3
     assert net(torch.zeros(1, channels, 16, 16), torch.ones(1)).shape == (1, 3, 16, 16)
 
@@ -104,9 +107,168 @@ def test_every_arch_trains(tmp_path, data, arch, extra):
     assert glob.glob(os.path.join(only_run_dir(tmp_path), 'network-snapshot-*.pt'))
 
 
-def test_augmentation_and_accumulation_run(tmp_path, data):
+def test_augmentation_and_accumulation_run(tmp_path, data, monkeypatch):
+    """Every training call of the raw network F gets the augmentation labels, in the configured pipe's layout."""
+    from training.networks import SongUNet
+    seen = []
+    forward = SongUNet.forward
+
+    def recording_forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        if torch.is_grad_enabled():  # the training calls; the module summary runs without gradients
+            seen.append((augment_labels, self.map_augment))
+        return forward(self, x, noise_labels, class_labels, augment_labels)
+
+    monkeypatch.setattr(SongUNet, 'forward', recording_forward)
     run(['--outdir', tmp_path, '--data', data, steps(2, batch=8), *TINY, '--batch=8', '--batch-gpu=2', '--augment=0.5',
          '--max_grad_norm=1', '--weight_decay=0.01', '--xflip=True', '--dropout=0.1'])
+    options = json.load(open(os.path.join(only_run_dir(tmp_path), 'training_options.json')))
+    pipe = dnnlib.util.construct_class_by_name(**options['augment_kwargs'])
+    assert pipe.label_names == ['xflip', 'yflip', 'rotate_int_x', 'rotate_int_y', 'translate_int_x',
+                                'translate_int_y']
+    assert options['network_kwargs']['augment_dim'] == pipe.label_dim
+    assert len(seen) == 2 * 4  # 2 steps of 4 accumulation rounds
+    for labels, map_augment in seen:
+        assert labels is not None and labels.shape == (2, pipe.label_dim)
+        assert map_augment is not None and map_augment.weight.shape[1] == pipe.label_dim
+    labels = torch.cat([labels for labels, _ in seen])
+    assert set(labels[:, 0].tolist()) == {0.0, 1.0}  # x-flips happen (p = 0.5) and the labels say which
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation of corrupted data, with the pipes train.py configures.
+
+
+def augment_pipe(augment_set):
+    """The AugmentPipe train.py builds for --augment_set (with p = 1)."""
+    opts = train_options(['--outdir=unused', '--data=unused', '--augment=1', f'--augment_set={augment_set}'])
+    return dnnlib.util.construct_class_by_name(**train.build_config(opts).augment_kwargs)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def corrupted_batch(pattern, p, n=8, resolution=16, mask_channels=3, seed=0):
+    """Clean images x0 [n, 3, R, R] float64 in [-1, 1] and masks A, Ã [n, mask_channels, R, R]."""
+    x0 = torch.from_numpy(random_images(n, channels=3, resolution=resolution, seed=seed)).permute(0, 3, 1, 2)
+    x0 = x0.to(torch.float64) / 127.5 - 1
+    corruption = MaskCorruption(pattern, corruption_probability=p, delta_probability=0.3,
+                                mask_full_rgb=mask_channels == 1)
+    A = corruption.sample_mask([n, 3, resolution, resolution], generator=gen(seed))[:, :mask_channels]
+    A_hat = corruption.sample_hat_mask(A, generator=gen(seed + 1))
+    return x0, A.to(torch.float64), A_hat.to(torch.float64)
+
+
+@pytest.mark.parametrize('mask_channels', [1, 3])
+@pytest.mark.parametrize('seed', [0, 1])
+def test_blit_augmentation_moves_masks_with_the_image(mask_channels, seed):
+    """Flips, quarter turns and integer shifts permute pixels, so augmenting [A ⊙ x0, A] together gives exactly
+    aug(x0) ⊙ aug(A), with aug(A) what the same transformation does to A seen as an image."""
+    pipe = augment_pipe('blit')
+    x0, A, A_hat = corrupted_batch('dust', 0.4, mask_channels=mask_channels, seed=seed)
+    y, labels, (A_aug, A_hat_aug) = pipe(A * x0, masks=(A, A_hat), generator=gen(seed + 10))
+    x0_aug, labels_clean, _ = pipe(x0, generator=gen(seed + 10))
+    A_as_image, _, _ = pipe(A, generator=gen(seed + 10))
+    A_hat_as_image, _, _ = pipe(A_hat, generator=gen(seed + 10))
+    assert torch.equal(labels, labels_clean)  # the draws do not depend on the masks
+    assert (labels.abs().sum(1) > 0).sum() >= 6  # most samples were transformed
+    assert torch.equal(A_aug, A_as_image) and torch.equal(A_hat_aug, A_hat_as_image)
+    assert torch.equal(y, x0_aug * A_aug)
+    assert not torch.equal(A_aug, A)
+    assert (A_hat_aug <= A_aug).all()
+
+
+@pytest.mark.parametrize('augment_set,pattern,p', [('blit', 'dust', 0.4), ('edm', 'box', 0.25)])
+def test_augmented_hidden_pixels_stay_hidden(augment_set, pattern, p):
+    """The augmented observation is zero wherever the augmented A is, whatever the hidden pixels held, and equals
+    the augmented clean image where the augmented A is one (warps included)."""
+    pipe = augment_pipe(augment_set)
+    x0, A, A_hat = corrupted_batch(pattern, p, n=16, resolution=32)
+    poisoned = torch.where(A == 1, x0, torch.full_like(x0, 1e3))
+    y, labels, (A_aug, A_hat_aug) = pipe(poisoned, masks=(A, A_hat), generator=gen(3))
+    y_clean_obs, _, masks_clean_obs = pipe(A * x0, masks=(A, A_hat), generator=gen(3))
+    x0_aug, _, _ = pipe(x0, generator=gen(3))
+    assert torch.equal(y, y_clean_obs) and torch.equal(A_aug, masks_clean_obs[0])
+    assert set(A_aug.unique().tolist()) == {0.0, 1.0} and (A_hat_aug <= A_aug).all()
+    assert (y[A_aug == 0] == 0).all()
+    torch.testing.assert_close(y * A_aug, x0_aug * A_aug, rtol=0, atol=1e-9)
+    assert A_aug.mean() > 0.3 and (labels.abs().sum(1) > 0).sum() >= 12  # not vacuous: transformed, still observed
+
+
+def test_ambient_loss_passes_augmented_masks_and_labels_to_the_network():
+    """With an augment pipe the loss feeds the network [Ã_aug ⊙ (y_aug + σn), Ã_aug] and the pipe's labels, and
+    scores D on A_aug only."""
+    pipe = augment_pipe('blit')
+    x0, A, A_hat = corrupted_batch('dust', 0.4)
+    calls = []
+
+    def net(x, sigma, labels=None, augment_labels=None):
+        calls.append(dict(x=x.detach().clone(), augment_labels=augment_labels))
+        return 0.5 * x[:, :3]
+
+    loss_fn = AmbientLoss(hidden_precond='mask_aware')
+    loss, _ = loss_fn(net, A * x0, A, A_hat, augment_pipe=pipe, generator=[gen(s) for s in range(8)],
+                      augment_generator=gen(7))
+    _, labels, (A_aug, A_hat_aug) = pipe(A * x0, masks=(A, A_hat), generator=gen(7))
+    x, augment_labels = calls[0]['x'], calls[0]['augment_labels']
+    assert augment_labels is not None and augment_labels.shape == (8, pipe.label_dim)
+    assert torch.equal(augment_labels, labels)
+    assert torch.equal(x[:, 3:], A_hat_aug.to(x.dtype))
+    assert (x[:, :3][A_hat_aug == 0] == 0).all() and (x[:, :3][A_hat_aug == 1] != 0).all()
+    assert (loss[A_aug == 0] == 0).all() and (loss[A_aug == 1] > 0).all()
+
+
+def test_augment_labels_change_the_network_output():
+    """The network train.py builds with augmentation has augment_dim = the pipe's label_dim and uses the labels."""
+    pipe = augment_pipe('edm')
+    opts = train_options(['--outdir=unused', '--data=unused', '--augment=1', '--augment_set=edm', *TINY[:4]])
+    c = train.build_config(opts)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = snapshots.build_network(dict(c.network_kwargs, img_resolution=16, img_channels=6)).eval()
+    assert net.model.map_augment.weight.shape[1] == pipe.label_dim == 9
+    x = torch.randn(2, 6, 16, 16, generator=gen(0))
+    sigma = torch.tensor([0.5, 2.0])
+    labels = torch.randn(2, pipe.label_dim, generator=gen(1))
+    with torch.no_grad():
+        D = net(x, sigma, augment_labels=labels)
+        D_unaugmented = net(x, sigma, augment_labels=torch.zeros_like(labels))
+    assert not torch.equal(D, D_unaugmented)
+
+
+def _one_step_weights(tmp_path, data, batch_gpu, lr, augment=0.0):
+    """The weights after one optimizer step of batch 8, done as 8 / batch_gpu accumulation rounds."""
+    out = tmp_path / f'batch_gpu{batch_gpu}-lr{lr}-augment{augment}'
+    opts = train_options(['--outdir', out, '--data', data, *TINY, '--batch=8', f'--batch-gpu={batch_gpu}',
+                          steps(1, batch=8), '--seed=4', '--delta_probability=0.2', '--deterministic=True',
+                          f'--augment={augment}'])
+    c = train.build_config(opts)
+    # Plain SGD moves the weights by lr·g, so they compare the gradients themselves; Adam's first step,
+    # lr·g/(|g| + ε), would not see a gradient off by a constant factor.
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.SGD', lr=lr)
+    result = training_loop.training_loop(run_dir=str(out), **c)
+    assert result['cur_nimg'] == 8
+    states = glob.glob(str(out / 'training-state-*.pt'))
+    assert len(states) == 1, states
+    return torch.load(states[0], weights_only=True)['net']
+
+
+@pytest.mark.parametrize('augment', [0.0, 0.9])
+def test_accumulation_rounds_give_the_same_step(tmp_path, data, augment):
+    """--batch-gpu only splits the batch: 1 round x 8 and 4 rounds x 2 give the same gradient step, also with
+    augmentation (each image's augmentation is keyed by its sampler position, not drawn per round)."""
+    init = _one_step_weights(tmp_path, data, batch_gpu=8, lr=0.0, augment=augment)
+    whole = _one_step_weights(tmp_path, data, batch_gpu=8, lr=1.0, augment=augment)
+    rounds = _one_step_weights(tmp_path, data, batch_gpu=2, lr=1.0, augment=augment)
+    eps = torch.finfo(torch.float32).eps
+    moved = 0
+    for name, w0 in init.items():
+        step_whole = whole[name].double() - w0.double()
+        step_rounds = rounds[name].double() - w0.double()
+        tolerance = 5e-5 * step_whole.abs().max() + 4 * eps * w0.double().abs().max()
+        assert (step_whole - step_rounds).abs().max() <= tolerance, name
+        moved += bool(step_whole.abs().max() > 1e3 * eps * w0.double().abs().max())
+    assert moved > len(init) // 3  # about half the tensors (buffers included) moved: the comparison is not vacuous
 
 
 def _final_ema(run_dir):
@@ -114,6 +276,7 @@ def _final_ema(run_dir):
     return torch.load(snaps[-1], weights_only=True)['ema']
 
 
+@pytest.mark.slow  # 7-12 s on 2 CPU cores: three runs with a worker process each
 def test_resume_is_bitwise_exact(tmp_path, data):
     common = ['--data', data, '--seed=3', '--deterministic=True', '--nosubdir', '--tick=0.008', '--snap=1', '--dump=1',
               *TINY, '--dropout=0.2', '--augment=0.5', '--delta_probability=0.3', '--batch-gpu=2', '--workers=1']
@@ -149,7 +312,7 @@ def test_transfer_initialises_weights(tmp_path, data):
 
 def test_atomic_checkpoint_write(tmp_path, monkeypatch):
     path = tmp_path / 'state.pt'
-    training_loop.atomic_torch_save({'x': torch.ones(3)}, path)
+    snapshots.atomic_torch_save({'x': torch.ones(3)}, path)
 
     def broken_save(obj, f, *args, **kwargs):
         f.write(b'partial bytes')
@@ -157,7 +320,7 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', broken_save)
     with pytest.raises(RuntimeError, match='killed'):
-        training_loop.atomic_torch_save({'x': torch.zeros(3)}, path)
+        snapshots.atomic_torch_save({'x': torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)['x'], torch.ones(3))
     assert os.listdir(tmp_path) == ['state.pt']
@@ -201,7 +364,7 @@ def test_states_from_before_hidden_precond_resume_with_the_original_formulation(
     """A state written before --hidden_precond existed has no such keys: it was trained with the original formulation."""
     run(['--outdir', tmp_path, '--data', data, steps(1), '--nosubdir', '--dump=1', '--hidden_precond=original',
          '--cond_sigma_min=0', *TINY])
-    state_path = training_loop.find_latest_state(str(tmp_path))
+    state_path = snapshots.find_latest_state(str(tmp_path))
     state = torch.load(state_path, weights_only=True)
     for key in ('network_kwargs', 'loss_kwargs'):
         del state['config'][key]['hidden_precond']

@@ -5,6 +5,7 @@ creates a process group, and every collective below is then a no-op or the ident
 (WORLD_SIZE > 1) the backend is NCCL when CUDA is available and gloo otherwise.
 """
 
+import contextlib
 import os
 from typing import Any, List, Optional
 
@@ -103,6 +104,19 @@ def barrier() -> None:
     """Wait for all processes (no-op in a single process)."""
     if _distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block before the other processes do (e.g. to fill a download cache they then read).
+    Rank 0 releases the others even when its block fails, so they fail on their own instead of waiting."""
+    if get_rank() != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if get_rank() == 0:
+            barrier()
 
 
 def print0(*args, **kwargs) -> None:

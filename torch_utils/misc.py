@@ -281,6 +281,20 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 self._block_offsets(position // self._block_size)  # Redraw the block `position` is in.
 
 
+# Seeds: every random stream of the project is keyed by a hash of integers (run seed, rank, sample position,
+# stream tag, ...), never by the global RNG, so a draw does not depend on what ran before it.
+
+def seed_hash(*entropy: int, spawn_key: Sequence[int] = ()) -> int:
+    """A 63-bit seed from numpy's SeedSequence hash of the integers (and an optional spawn key)."""
+    sequence = np.random.SeedSequence([int(e) % 2**63 for e in entropy], spawn_key=tuple(spawn_key))
+    return int(sequence.generate_state(2, dtype=np.uint64)[0]) % 2**63
+
+
+def seeded_generator(*entropy: int, spawn_key: Sequence[int] = (), device=None) -> torch.Generator:
+    """A torch generator (CPU unless `device`) seeded by `seed_hash(*entropy, spawn_key=spawn_key)`."""
+    return torch.Generator(device if device is not None else 'cpu').manual_seed(seed_hash(*entropy, spawn_key=spawn_key))
+
+
 # Per-sample randomness: a single generator draws a whole batch; a list of generators draws sample i
 # from generator i alone, so a sample does not depend on the batch it is in.
 
@@ -396,9 +410,15 @@ def unwrapped_name(name: str) -> str:
     return name
 
 
-def params_and_buffers(module: torch.nn.Module) -> List[torch.Tensor]:
-    """All parameters followed by all buffers of `module`."""
-    return list(module.parameters()) + list(module.buffers())
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, '_orig_mod'):
+            module = module._orig_mod
+        else:
+            return module
 
 
 def named_params_and_buffers(module: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:

@@ -11,8 +11,8 @@ The math (one implementation each, used by train_text_to_image.py and pipeline_i
 Diagnostics are mean squared errors over pixel sets: A \\ Ã (always available: the data holds them), and all
 pixels / pixels outside A when clean images are supplied explicitly for evaluation.
 
-Also here: loading IF components with one-line errors, the empty-prompt T5 embedding cache, UNet state dicts
-(ours and the original's prefixed ones), and tiny random IF models for tests and benchmarks.
+Also here: loading IF components with one-line errors, the empty-prompt T5 embedding cache and UNet state dicts
+(ours and the original's prefixed ones).
 """
 
 import os
@@ -220,31 +220,7 @@ def load_unet_state_dict(unet, path):
     return unet
 
 #----------------------------------------------------------------------------
-# Tiny random IF models (tests, benchmarks, offline demos).
-
-TINY_VOCAB = ['a', 'the', 'of', 'photo', 'person', 'face', 'cat', 'dog', 'digit', 'image', 'blurry', 'brain', 'scan']
-
-
-def _tiny_text(seed, dim=24):
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
-    vocab = [('<pad>', 0.0), ('</s>', 0.0), ('<unk>', 0.0)] + [(f'\u2581{w}', -float(i)) for i, w in enumerate(TINY_VOCAB)]
-    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0)
-    torch.manual_seed(seed)
-    encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=dim, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, decoder_start_token_id=0))
-    return tokenizer, encoder
-
-
-def _tiny_unet(resolution, in_channels, text_dim, seed, channels=(16, 32), class_embed_type=None):
-    from diffusers import UNet2DConditionModel
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=resolution, in_channels=in_channels, out_channels=6, layers_per_block=1,
-        block_out_channels=channels, down_block_types=('ResnetDownsampleBlock2D', 'SimpleCrossAttnDownBlock2D'),
-        up_block_types=('SimpleCrossAttnUpBlock2D', 'ResnetUpsampleBlock2D'),
-        mid_block_type='UNetMidBlock2DSimpleCrossAttn', cross_attention_dim=channels[-1], attention_head_dim=8,
-        addition_embed_type='text', addition_embed_type_num_heads=2, encoder_hid_dim=text_dim, norm_num_groups=8,
-        resnet_time_scale_shift='scale_shift', act_fn='gelu', class_embed_type=class_embed_type)
-
+# Scheduler.
 
 def if_scheduler(**overrides):
     """A DDPMScheduler with IF stage I's configuration (cosine schedule, learned range, dynamic thresholding)."""
@@ -253,26 +229,3 @@ def if_scheduler(**overrides):
         thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5, clip_sample=True,
         clip_sample_range=1.0, prediction_type='epsilon')
     return DDPMScheduler(**dict(config, **overrides))
-
-
-def save_tiny_if(dest, resolution=16, seed=0, channels=(16, 32)):
-    """Write a tiny random IF stage-I pipeline (IF's UNet layout, scheduler config, T5 + tokenizer) to `dest`."""
-    from diffusers import IFPipeline
-    tokenizer, encoder = _tiny_text(seed)
-    unet = _tiny_unet(resolution, 3, encoder.config.d_model, seed, channels)
-    pipe = IFPipeline(tokenizer=tokenizer, text_encoder=encoder, unet=unet, scheduler=if_scheduler(),
-        safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
-    pipe.save_pretrained(dest)
-    return str(dest)
-
-
-def save_tiny_if_upscaler(dest, resolution=32, seed=0):
-    """Write a tiny random IF stage-II (super-resolution) pipeline to `dest`."""
-    from diffusers import IFSuperResolutionPipeline
-    tokenizer, encoder = _tiny_text(seed)
-    unet = _tiny_unet(resolution, 6, encoder.config.d_model, seed + 1, class_embed_type='timestep')
-    pipe = IFSuperResolutionPipeline(tokenizer=tokenizer, text_encoder=encoder, unet=unet,
-        scheduler=if_scheduler(), image_noising_scheduler=if_scheduler(variance_type='fixed_small', thresholding=False),
-        safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
-    pipe.save_pretrained(dest)
-    return str(dest)

@@ -31,7 +31,8 @@ Differences from EDM, all deliberate:
 - rotations and scalings turn about the exact image centre: the 2x grid is aligned with the sym6 filter's
   group delay (EDM assumes a symmetric filter and turns about a point 0.049 px off the centre);
 - translate_int moves the content by +tx, +ty in both axes (EDM's index formula moves x by +tx, y by -ty);
-- randomness comes from an explicit `generator` (None: torch's default generator, as in torch.rand).
+- randomness comes from an explicit `generator` (None: torch's default generator, as in torch.rand), or from
+  one generator per image, so that an image's augmentation does not depend on the batch it is in.
 
 Augmentation label layout (EDM's): one block per *enabled* op (multiplier > 0), in this order, so the
 layout and `label_dim` depend only on the configuration:
@@ -303,23 +304,35 @@ def translate_int_blit(x, tx, ty):
 #----------------------------------------------------------------------------
 
 class _Draws:
-    """Random draws from one generator (or torch's default one), returned on the images' device."""
+    """Random draws of shape [..., N] from one generator (or torch's default one), or from a list of N
+    generators (sample i's column from generator i alone, so a sample's augmentation does not depend on its
+    batch); returned on the images' device."""
 
-    def __init__(self, generator, device):
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f'generator={generator!r} is invalid; pass a torch.Generator or None')
+    def __init__(self, generator, device, n):
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(f'generator is a list of {len(generator)} items for {n} images; pass one '
+                                 'torch.Generator per image, a single generator, or None')
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f'generator={generator!r} is invalid; pass a torch.Generator, a list of them, or None')
         self.generator = generator
         self.device = device
-        self.draw_device = generator.device if generator is not None else device
+
+    def _draw(self, fn, shape):
+        if isinstance(self.generator, (list, tuple)):
+            column = tuple(shape[:-1]) + (1,)
+            return torch.cat([fn(column, g, g.device).to(self.device) for g in self.generator], dim=-1)
+        draw_device = self.generator.device if self.generator is not None else self.device
+        return fn(tuple(shape), self.generator, draw_device).to(self.device)
 
     def rand(self, *shape):
-        return torch.rand(shape, generator=self.generator, device=self.draw_device).to(self.device)
+        return self._draw(lambda s, g, d: torch.rand(s, generator=g, device=d), shape)
 
     def randn(self, *shape):
-        return torch.randn(shape, generator=self.generator, device=self.draw_device).to(self.device)
+        return self._draw(lambda s, g, d: torch.randn(s, generator=g, device=d), shape)
 
     def randint(self, high, *shape):
-        return torch.randint(high, shape, generator=self.generator, device=self.draw_device).to(self.device)
+        return self._draw(lambda s, g, d: torch.randint(high, s, generator=g, device=d), shape)
 
 
 class AugmentPipe:
@@ -407,7 +420,7 @@ class AugmentPipe:
             raise ValueError(f'colour augmentation needs 1 or 3 channels, got {C}; disable the colour ops')
 
         device = images.device
-        draw = _Draws(generator, device)
+        draw = _Draws(generator, device, N)
         labels = []
         tensors = [_hide(images, masks[0]) if masks else images, *masks]  # No leak: hide first.
         tensors = self._blit(tensors, draw, labels)
@@ -420,32 +433,34 @@ class AugmentPipe:
         labels = torch.cat(labels, dim=1) if labels else torch.zeros([N, 0], device=device)
         return images, labels, masks
 
-    def _applied(self, draw, multiplier, *shape):
-        return draw.rand(*shape) < multiplier * self.p
+    def _gate(self, draw, w, multiplier, *shape):
+        """(w where the transform applies, else 0; the flags [shape]): each applies with probability multiplier·p."""
+        applied = draw.rand(*shape) < multiplier * self.p
+        return torch.where(applied, w, torch.zeros_like(w)), applied
 
     def _blit(self, tensors, draw, labels):
         N = tensors[0].shape[0]
         _, _, H, W = tensors[0].shape
         if self.xflip > 0:
             w = draw.randint(2, N)
-            w = torch.where(self._applied(draw, self.xflip, N), w, torch.zeros_like(w))
+            w, _ = self._gate(draw, w, self.xflip, N)
             tensors = [_where_sample(w == 1, t.flip(3), t) for t in tensors]
             labels.append(w)
         if self.yflip > 0:
             w = draw.randint(2, N)
-            w = torch.where(self._applied(draw, self.yflip, N), w, torch.zeros_like(w))
+            w, _ = self._gate(draw, w, self.yflip, N)
             tensors = [_where_sample(w == 1, t.flip(2), t) for t in tensors]
             labels.append(w)
         if self.rotate_int > 0:
             w = draw.randint(4, N)  # Quarter turns: flips then a transpose.
-            w = torch.where(self._applied(draw, self.rotate_int, N), w, torch.zeros_like(w))
+            w, _ = self._gate(draw, w, self.rotate_int, N)
             tensors = [_where_sample((w == 1) | (w == 2), t.flip(3), t) for t in tensors]
             tensors = [_where_sample((w == 2) | (w == 3), t.flip(2), t) for t in tensors]
             tensors = [_where_sample((w == 1) | (w == 3), t.transpose(2, 3), t) for t in tensors]
             labels += [(w == 1) | (w == 2), (w == 2) | (w == 3)]
         if self.translate_int > 0:
             w = draw.rand(2, N) * 2 - 1
-            w = torch.where(self._applied(draw, self.translate_int, 1, N), w, torch.zeros_like(w))
+            w, _ = self._gate(draw, w, self.translate_int, 1, N)
             tx = (w[0] * (W * self.translate_int_max)).round().to(torch.int64)
             ty = (w[1] * (H * self.translate_int_max)).round().to(torch.int64)
             tensors = [translate_int_blit(t, tx, ty) for t in tensors]
@@ -461,24 +476,21 @@ class AugmentPipe:
         enabled = False
         if self.scale > 0:
             w = draw.randn(N)
-            applied = self._applied(draw, self.scale, N)
-            w = torch.where(applied, w, torch.zeros_like(w))
+            w, applied = self._gate(draw, w, self.scale, N)
             s = torch.exp2(w * self.scale_std)
             G_inv = G_inv @ scale2d(1 / s, 1 / s, device)
             labels.append(w)
             warped, enabled = warped | applied, True
         if self.rotate_frac > 0:
             w = (draw.rand(N) * 2 - 1) * (math.pi * self.rotate_frac_max)
-            applied = self._applied(draw, self.rotate_frac, N)
-            w = torch.where(applied, w, torch.zeros_like(w))
+            w, applied = self._gate(draw, w, self.rotate_frac, N)
             G_inv = G_inv @ rotate2d(w, device)  # Inverse of a rotation by -w.
             labels += [w.cos() - 1, w.sin()]
             warped, enabled = warped | applied, True
         if self.aniso > 0:
             w = draw.randn(N)
             r = (draw.rand(N) * 2 - 1) * math.pi
-            applied = self._applied(draw, self.aniso, N)
-            w = torch.where(applied, w, torch.zeros_like(w))
+            w, applied = self._gate(draw, w, self.aniso, N)
             r = torch.where(draw.rand(N) < self.aniso_rotate_prob, r, torch.zeros_like(r))
             s = torch.exp2(w * self.aniso_std)
             G_inv = G_inv @ rotate2d(-r, device) @ scale2d(1 / s, s, device) @ rotate2d(r, device)
@@ -486,8 +498,7 @@ class AugmentPipe:
             warped, enabled = warped | applied, True
         if self.translate_frac > 0:
             w = draw.randn(2, N)
-            applied = self._applied(draw, self.translate_frac, N)
-            w = torch.where(applied[None], w, torch.zeros_like(w))
+            w, applied = self._gate(draw, w, self.translate_frac, N)
             G_inv = G_inv @ translate2d(-w[0] * (W * self.translate_frac_std),
                                         -w[1] * (H * self.translate_frac_std), device)
             labels += [w[0], w[1]]
@@ -510,38 +521,33 @@ class AugmentPipe:
         enabled = False
         if self.brightness > 0:
             w = draw.randn(N)
-            applied = self._applied(draw, self.brightness, N)
-            w = torch.where(applied, w, torch.zeros_like(w))
+            w, applied = self._gate(draw, w, self.brightness, N)
             b = w * self.brightness_std
             M = translate3d(b, b, b, device) @ M
             labels.append(w)
             coloured, enabled = coloured | applied, True
         if self.contrast > 0:
             w = draw.randn(N)
-            applied = self._applied(draw, self.contrast, N)
-            w = torch.where(applied, w, torch.zeros_like(w))
+            w, applied = self._gate(draw, w, self.contrast, N)
             c = torch.exp2(w * self.contrast_std)
             M = scale3d(c, c, c, device) @ M
             labels.append(w)
             coloured, enabled = coloured | applied, True
         if self.lumaflip > 0:
             w = draw.randint(2, N)
-            applied = self._applied(draw, self.lumaflip, N)
-            w = torch.where(applied, w, torch.zeros_like(w))
+            w, applied = self._gate(draw, w, self.lumaflip, N)
             M = (I4 - 2 * vvT * w.reshape(N, 1, 1)) @ M  # Householder reflection of the luma axis.
             labels.append(w)
             coloured, enabled = coloured | applied, True
         if self.hue > 0:
             w = (draw.rand(N) * 2 - 1) * (math.pi * self.hue_max)
-            applied = self._applied(draw, self.hue, N)
-            w = torch.where(applied, w, torch.zeros_like(w))
+            w, applied = self._gate(draw, w, self.hue, N)
             M = _rotate3d(v, w, device, torch.float32) @ M
             labels += [w.cos() - 1, w.sin()]
             coloured, enabled = coloured | applied, True
         if self.saturation > 0:
             w = draw.randn(N)
-            applied = self._applied(draw, self.saturation, N)
-            w = torch.where(applied, w, torch.zeros_like(w))
+            w, applied = self._gate(draw, w, self.saturation, N)
             s = torch.exp2(w * self.saturation_std).reshape(N, 1, 1)
             M = (vvT + (I4 - vvT) * s) @ M
             labels.append(w)

@@ -1,4 +1,4 @@
-"""What the commands share: click option bundles, one-line errors, output paths, sampling masks.
+"""What the commands share: the command preamble, click option bundles, one-line errors, output paths, sampling masks.
 
 The commands (eval.py, solve_inverse_problems.py, find_dataset_neighbors.py, train_text_to_image.py,
 if_inference.py) import these instead of each other. Nothing here parses a command line: the option bundles
@@ -6,11 +6,16 @@ are decorators the commands apply, and the helpers take the values click parsed.
 """
 
 import contextlib
+import functools
+import hashlib
+import json
 import os
 import re
 
 import click
 
+import dnnlib
+from torch_utils import distributed as dist
 from torch_utils.ambient_diffusion import MaskCorruption
 from training import metrics
 
@@ -86,10 +91,69 @@ def one_line_errors():
         raise click.ClickException(re.sub(r'^[\w.]*(Error|Exception): ', '', message)) from None
 
 
+def command_body(distributed=True):
+    """Decorator of a click command's body `func(opts)`, under the command's click decorators.
+
+    It adds `-n/--dry-run` (print the options as JSON and exit), passes the options as an EasyDict, joins the
+    torchrun process group when `distributed`, and turns library errors into one-line click errors."""
+    def decorate(func):
+        @functools.wraps(func)
+        def body(dry_run, **kwargs):
+            opts = dnnlib.EasyDict(kwargs)
+            if dry_run:
+                click.echo(json.dumps(opts, indent=2))
+                return None
+            if distributed:
+                dist.init()
+            with one_line_errors():
+                return func(opts)
+        return click.option('-n', '--dry-run', 'dry_run', help='Print the options and exit', is_flag=True)(body)
+    return decorate
+
+
 def check_subset_seed(opts):
     """`--seed` only picks the `--max_size` subset: giving it alone is a mistake worth a one-line error."""
     if opts.seed != 0 and opts.max_size is None:
         raise click.BadParameter('--seed only chooses the --max_size subset; add --max_size or drop --seed', param_hint='--seed')
+
+
+PROVENANCE_FILE = 'provenance.json'
+
+
+def file_digest(path):
+    """sha256 of a file (a local path or a URL, through the download cache), in hex."""
+    local = dnnlib.util.open_url(path, return_filename=True)
+    digest = hashlib.sha256()
+    with open(local, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def claim_output_dir(outdir, record):
+    """Make `outdir` the output of `record` (a JSON-able dict of what decides its files: the network's digest,
+    the sampler and operator settings). The first run writes `{outdir}/provenance.json`; a rerun with the same
+    record continues and skips what is done; one with another record is a ValueError naming the differences,
+    so outputs of other settings are never reported as this run's."""
+    record = json.loads(json.dumps(record))
+    path = os.path.join(outdir, PROVENANCE_FILE)
+    with dist.rank0_first():
+        if os.path.isfile(path):
+            with open(path, encoding='utf-8') as f:
+                saved = json.load(f)
+            diffs = [f'{key}: {saved.get(key)!r} there, {record.get(key)!r} now' for key in sorted(set(saved) | set(record))
+                     if saved.get(key) != record.get(key)]
+            if diffs:
+                raise ValueError(f'{outdir} holds outputs made with other settings ({"; ".join(diffs)}); choose another '
+                                 f'--outdir, or delete {outdir} to redo them')
+        elif dist.get_rank() == 0:
+            if os.path.isdir(outdir) and any(name.endswith('.png') or name == 'metrics.jsonl' or name.isdigit()
+                                             for name in os.listdir(outdir)):
+                raise ValueError(f'{outdir} already holds outputs but no {PROVENANCE_FILE} saying what made them; '
+                                 f'choose another --outdir, or delete {outdir} to redo them')
+            os.makedirs(outdir, exist_ok=True)
+            with dnnlib.util.atomic_write(path, 'w', encoding='utf-8') as f:
+                json.dump(record, f, indent=2)
 
 
 def image_path(outdir, seed, subdirs=False):

@@ -22,17 +22,12 @@ import PIL.Image
 import torch
 
 from torch_utils.ambient_diffusion import MaskCorruption
+from torch_utils.misc import seeded_generator
 
 MODES = ('corrupted', 'clean')
 
 # Tags that keep the seed streams of A, fixed B and per-draw B apart.
 _TAG_MASK, _TAG_FIXED_HAT, _TAG_HAT = 0xA, 0xB, 0xC
-
-
-def _generator(*entropy: int) -> torch.Generator:
-    """A CPU generator seeded by a well-mixed hash of integers (no global RNG involved)."""
-    state = np.random.SeedSequence([int(e) % 2**63 for e in entropy]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0]) % 2**63)
 
 
 class DatasetError(ValueError):
@@ -152,20 +147,20 @@ class Dataset(torch.utils.data.Dataset):
 
     def mask(self, raw_idx):
         """The dataset's corruption A of raw image `raw_idx` (unflipped), float32 [C, H, W]."""
-        gen = _generator(_TAG_MASK, self.corruption_seed, raw_idx)
+        gen = seeded_generator(_TAG_MASK, self.corruption_seed, raw_idx)
         return self.corruption.sample_mask(self._image_shape_batch(), generator=gen)[0]
 
     def hat_mask(self, raw_idx, mask, draw_id=None):
         """Ã = A ⊙ B for one draw of raw image `raw_idx` (unflipped frame), float32 [C, H, W]."""
         if self.fixed_hat_mask:
-            gen = _generator(_TAG_FIXED_HAT, self.corruption_seed, raw_idx)
+            gen = seeded_generator(_TAG_FIXED_HAT, self.corruption_seed, raw_idx)
         elif draw_id is not None:
-            gen = _generator(_TAG_HAT, self.hat_seed, raw_idx, draw_id)
+            gen = seeded_generator(_TAG_HAT, self.hat_seed, raw_idx, draw_id)
         else:
             # No draw id: a per-process counter, told apart across DataLoader workers.
             worker = torch.utils.data.get_worker_info()
             worker_id = -1 if worker is None else worker.id
-            gen = _generator(_TAG_HAT, self.hat_seed, raw_idx, worker_id, self._draw_counter, 1 << 62)
+            gen = seeded_generator(_TAG_HAT, self.hat_seed, raw_idx, worker_id, self._draw_counter, 1 << 62)
             self._draw_counter += 1
         return self.corruption.sample_hat_mask(mask[None], generator=gen)[0]
 
@@ -412,7 +407,7 @@ class HFImageDataset(Dataset):
         if self._center_crop:
             left, top = span_x // 2, span_y // 2
         else:
-            offsets = torch.randint(0, 1 << 30, (2,), generator=_generator(0xD, self._crop_seed, raw_idx))
+            offsets = torch.randint(0, 1 << 30, (2,), generator=seeded_generator(0xD, self._crop_seed, raw_idx))
             left, top = int(offsets[0]) % (span_x + 1), int(offsets[1]) % (span_y + 1)
         image = image.crop((left, top, left + self._target, top + self._target))
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()

@@ -23,12 +23,11 @@ import zipfile
 import numpy as np
 import scipy.linalg
 import torch
-import torch.nn.functional as F
 import tqdm
 
 import dnnlib
-from torch_utils import checkpoints
 from torch_utils import distributed as dist
+from torch_utils import pickles
 
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 ORIGINAL_IS_CLAMP = 1e-6  # The original eval.py clamps probabilities to [1e-6, 1] before its single-split IS.
@@ -65,7 +64,7 @@ def _is_torchscript_archive(data):
 
 
 def _find_torchscript(obj, found, calls, seen):
-    """Collect TorchScript archives (bytes) anywhere in an object built by `checkpoints.restricted_load`,
+    """Collect TorchScript archives (bytes) anywhere in an object built by `pickles.restricted_load`,
     and the names of the code the pickle would have called (`calls`)."""
     if id(obj) in seen:
         return
@@ -73,7 +72,7 @@ def _find_torchscript(obj, found, calls, seen):
     if isinstance(obj, (bytes, bytearray)):
         if _is_torchscript_archive(obj):
             found.append(bytes(obj))
-    elif isinstance(obj, checkpoints.PickledObject):
+    elif isinstance(obj, pickles.PickledObject):
         calls.add(obj.pickled_global)
         for part in (obj.pickled_args, obj.pickled_kwargs, obj.pickled_state, obj.pickled_items):
             _find_torchscript(part, found, calls, seen)
@@ -88,7 +87,7 @@ def _find_torchscript(obj, found, calls, seen):
 def _load_pickled_torchscript(data, path):
     """The TorchScript module embedded in a pickle, found without running any code, or None."""
     try:
-        obj = checkpoints.restricted_load(io.BytesIO(data))
+        obj = pickles.restricted_load(io.BytesIO(data))
     except Exception as err:  # Truncated or corrupt data, or a layout the restricted reader cannot rebuild.
         raise DetectorError(f'{path} is not a readable pickle ({type(err).__name__}: {err})') from None
     found, calls = [], set()
@@ -135,7 +134,7 @@ def load_detector(path_or_url=INCEPTION_URL, device=None, allow_unsafe_pickle=Fa
             if not allow_unsafe_pickle:
                 raise DetectorError(f'{name} cannot be loaded without running the code it contains ({reason}); '
                                     'if you trust the file, pass --allow_unsafe_pickle (allow_unsafe_pickle=True)')
-            net = checkpoints.unsafe_load(io.BytesIO(data), name)
+            net = pickles.unsafe_load(io.BytesIO(data), name)
     else:
         raise DetectorError(f'{name} is neither a TorchScript archive nor a pickle; pass the Inception detector '
                             f'({INCEPTION_URL}) with --detector=PATH')
@@ -190,51 +189,6 @@ class Detector(torch.nn.Module):
             raise DetectorError(f'{self.name} does not return softmax probabilities for no_output_bias=True '
                                 '(rows must be >= 0 and sum to 1)')
         return out
-
-
-class TinyDetector(torch.nn.Module):
-    """A small random network with the Inception detector's calling convention, for tests and smoke runs.
-
-    Its numbers mean nothing: it only lets the whole metric pipeline run without the 90 MB download.
-    Weights come from a private generator seeded by `seed` (no global RNG). Scriptable with
-    `torch.jit.script`; `save_tiny_detector` writes it as a TorchScript file that `load_detector` reads.
-    """
-
-    def __init__(self, seed=0, feature_dim=2048, num_classes=1008, resolution=32, channels=(16, 32)):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        c0, c1 = channels
-        self.resolution = resolution
-        self.conv0 = torch.nn.Parameter(torch.randn([c0, 3, 3, 3], generator=gen) / 27 ** 0.5)
-        self.conv1 = torch.nn.Parameter(torch.randn([c1, c0, 3, 3], generator=gen) / (9 * c0) ** 0.5)
-        self.fc = torch.nn.Parameter(torch.randn([feature_dim, 4 * c1], generator=gen) * 2 / (4 * c1) ** 0.5)
-        self.out_weight = torch.nn.Parameter(torch.randn([num_classes, feature_dim], generator=gen) * 3 / feature_dim ** 0.5)
-        self.out_bias = torch.nn.Parameter(torch.randn([num_classes], generator=gen))
-
-    def forward(self, images, return_features: bool = False, no_output_bias: bool = False):
-        x = (images.to(torch.float32) - 128) / 128  # uint8 -> about [-1, 1]
-        x = F.interpolate(x, size=(self.resolution, self.resolution), mode='bilinear', align_corners=False)
-        x = F.silu(F.conv2d(x, self.conv0, stride=2, padding=1))
-        x = F.silu(F.conv2d(x, self.conv1, stride=2, padding=1))
-        x = F.adaptive_avg_pool2d(x, 2)  # [N, c1, 2, 2]
-        x = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-5)  # so features vary between images
-        features = F.softplus(x.flatten(1) @ self.fc.t())  # [N, feature_dim], >= 0 like Inception's pool3
-        if return_features:
-            return features
-        logits = features @ self.out_weight.t()
-        if not no_output_bias:
-            logits = logits + self.out_bias
-        return logits.softmax(dim=1)
-
-
-def save_tiny_detector(path, **kwargs):
-    """Script a `TinyDetector(**kwargs)` and save it as a TorchScript file (atomically); returns `path`."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', category=DeprecationWarning, message=r'.*torch\.jit')
-        scripted = torch.jit.script(TinyDetector(**kwargs))
-        with dnnlib.util.atomic_write(path, 'wb') as f:
-            torch.jit.save(scripted, f)
-    return path
 
 
 # ----------------------------------------------------------------------------

@@ -37,22 +37,65 @@ import inspect
 import math
 import numbers
 
-import numpy as np
 import torch
 
+import dnnlib
 from torch_utils.ambient_diffusion import MaskCorruption
-from torch_utils.misc import StackedRandomGenerator
+from torch_utils.misc import StackedRandomGenerator, seeded_generator
 
 SOLVERS = ('euler', 'heun')
 CLIPPING_MODES = ('none', 'static', 'dynamic')
 
 #----------------------------------------------------------------------------
-# Time steps and the shared integration loop.
+# Argument checks, in one place: the sampler bodies below read like EDM's Algorithm 2.
 
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f'{name}={value!r} is invalid; pass an integer >= {minimum}')
     return int(value)
+
+
+def _shape(value):
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def check_sampler_args(net=None, ambient=None, latents=None, masks=None, **options):
+    """Check the arguments a sampler or denoiser was given; a ValueError names the argument and the fix.
+
+    net/ambient: the network must be ambient (True) or clean (False). latents [N, C, H, W]; masks
+    [N, K, C, H, W] or [N, C, H, W], matching the latents when both are given. options: any of solver,
+    S_churn, S_min, S_max, S_noise, clipping, clip_percentile, guidance_scale, extra_guidance, resample_masks.
+    """
+    if ambient is not None and net is not None and bool(getattr(net, 'ambient', ambient)) != ambient:
+        raise ValueError('edm_sampler got an ambient network (input [Ã ⊙ x, Ã]); use ambient_sampler for it' if not ambient
+                         else 'ambient_sampler got a clean network (ambient=False); use edm_sampler for it')
+    if latents is not None and (not isinstance(latents, torch.Tensor) or latents.ndim != 4):
+        raise ValueError(f'latents must be a tensor [N, C, H, W], got {_shape(latents)}')
+    if masks is not None:
+        if not isinstance(masks, torch.Tensor) or masks.ndim not in (4, 5):
+            raise ValueError(f'masks must be a tensor [N, K, C, H, W] (or [N, C, H, W] for K = 1), got {_shape(masks)}')
+        if latents is not None and (masks.shape[0] != latents.shape[0] or masks.shape[-3:] != latents.shape[1:]):
+            raise ValueError(f'masks {tuple(masks.shape)} do not match latents {tuple(latents.shape)}; pass masks '
+                             f'[N, K, C, H, W] for latents [N, C, H, W]')
+    o = dnnlib.EasyDict(options)
+    if 'solver' in o and o.solver not in SOLVERS:
+        raise ValueError(f'solver={o.solver!r} is unknown; pass one of {", ".join(SOLVERS)}')
+    if 'S_churn' in o and (not o.S_churn >= 0 or not o.S_noise >= 0 or not o.S_min <= o.S_max):
+        raise ValueError(f'S_churn={o.S_churn!r}, S_noise={o.S_noise!r}, S_min={o.S_min!r}, S_max={o.S_max!r} are '
+                         f'invalid; pass S_churn >= 0, S_noise >= 0 and S_min <= S_max')
+    if 'clipping' in o and o.clipping not in CLIPPING_MODES:
+        raise ValueError(f'clipping={o.clipping!r} is unknown; pass one of {", ".join(CLIPPING_MODES)}')
+    if o.get('clipping') == 'dynamic' and not 0 < o.clip_percentile <= 1:
+        raise ValueError(f'clip_percentile={o.clip_percentile!r} is outside (0, 1]; pass e.g. 0.995')
+    if 'guidance_scale' in o and not o.guidance_scale >= 0:
+        raise ValueError(f'guidance_scale={o.guidance_scale!r} is invalid; pass guidance_scale >= 0')
+    if not all(callable(term) for term in o.get('extra_guidance', ())):
+        raise ValueError('extra_guidance must be a sequence of callables term(x, sigma, D0) -> loss')
+    if o.get('resample_masks') is not None and not callable(o.resample_masks):
+        raise ValueError(f'resample_masks={o.resample_masks!r} is not callable; pass a function of the step index')
+
+#----------------------------------------------------------------------------
+# Time steps and the shared integration loop.
 
 
 def edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=None, dtype=torch.float64, device=None):
@@ -77,14 +120,6 @@ def edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=None, dtype=torch.f
     if net is not None and hasattr(net, 'round_sigma'):
         t_steps = torch.as_tensor(net.round_sigma(t_steps)).to(dtype)
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
-
-
-def _check_schedule_options(solver, S_churn, S_min, S_max, S_noise):
-    if solver not in SOLVERS:
-        raise ValueError(f'solver={solver!r} is unknown; pass one of {", ".join(SOLVERS)}')
-    if not S_churn >= 0 or not S_noise >= 0 or not S_min <= S_max:
-        raise ValueError(f'S_churn={S_churn!r}, S_noise={S_noise!r}, S_min={S_min!r}, S_max={S_max!r} are invalid; '
-                         f'pass S_churn >= 0, S_noise >= 0 and S_min <= S_max')
 
 
 def _integrate(denoise, latents, t_steps, randn_like, round_sigma, S_churn, S_min, S_max, S_noise, solver,
@@ -123,11 +158,6 @@ def _round_sigma(net):
     return getattr(net, 'round_sigma', lambda sigma: sigma)
 
 
-def _check_latents(latents):
-    if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
-        raise ValueError(f'latents must be a tensor [N, C, H, W], got '
-                         f'{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}')
-
 #----------------------------------------------------------------------------
 # EDM's sampler for clean models.
 
@@ -139,10 +169,8 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     latents: [N, C, H, W] standard normal; returns x_N [N, C, H, W] float64. S_churn = 0 gives the
     deterministic sampler (2N − 1 network evaluations with Heun, N with Euler).
     """
-    if getattr(net, 'ambient', False):
-        raise ValueError('edm_sampler got an ambient network (input [Ã ⊙ x, Ã]); use ambient_sampler for it')
-    _check_latents(latents)
-    _check_schedule_options(solver, S_churn, S_min, S_max, S_noise)
+    check_sampler_args(net, ambient=False, latents=latents, solver=solver, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                       S_noise=S_noise)
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=net, device=latents.device)
 
     def denoise(x, t):
@@ -161,9 +189,7 @@ def ambient_denoiser(net, mask, class_labels=None):
     of batch N·K; D is [N, K, C, H, W]). Returns a function of x [N, C, H, W] and σ (scalar or [N]) that
     keeps autograd's current mode, so it serves both gradient-free sampling and guidance; D has x's dtype.
     """
-    if not isinstance(mask, torch.Tensor) or mask.ndim not in (4, 5):
-        raise ValueError(f'mask must be a tensor [N, C, H, W] or [N, K, C, H, W], got '
-                         f'{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}')
+    check_sampler_args(masks=mask)
     per_sample_masks = mask.ndim == 5
     masks = mask if per_sample_masks else mask[:, None]                                  # [N, K, C, H, W]
     n, k, c, h, w = masks.shape
@@ -188,13 +214,6 @@ def ambient_denoiser(net, mask, class_labels=None):
     return denoise
 
 
-def _check_clipping(clipping, clip_percentile):
-    if clipping not in CLIPPING_MODES:
-        raise ValueError(f'clipping={clipping!r} is unknown; pass one of {", ".join(CLIPPING_MODES)}')
-    if clipping == 'dynamic' and not 0 < clip_percentile <= 1:
-        raise ValueError(f'clip_percentile={clip_percentile!r} is outside (0, 1]; pass e.g. 0.995')
-
-
 def clip_denoised(D, clipping='none', clip_percentile=0.995):
     """Clip a denoised estimate D [..., C, H, W] per sample (every leading index is a sample).
 
@@ -202,7 +221,7 @@ def clip_denoised(D, clipping='none', clip_percentile=0.995):
     2022, Sec. 2.3): s = max(quantile(|D|, clip_percentile), 1) over the sample's C·H·W values, then
     D = clamp(D, −s, s)/s.
     """
-    _check_clipping(clipping, clip_percentile)
+    check_sampler_args(clipping=clipping, clip_percentile=clip_percentile)
     if clipping == 'none':
         return D
     if clipping == 'static':
@@ -223,13 +242,10 @@ def guided_ambient_denoiser(net, masks, class_labels=None, guidance_scale=0.0, c
     so a term differentiates through the network. Without w·(K > 1) and extra terms no gradient is taken
     and the function evaluates D_0 alone (one network call of batch N, under the caller's autograd mode).
     """
-    masks = _check_masks(masks)
-    if not guidance_scale >= 0:
-        raise ValueError(f'guidance_scale={guidance_scale!r} is invalid; pass guidance_scale >= 0')
     extra_guidance = tuple(extra_guidance)
-    if not all(callable(term) for term in extra_guidance):
-        raise ValueError('extra_guidance must be a sequence of callables term(x, sigma, D0) -> loss')
-    _check_clipping(clipping, clip_percentile)
+    check_sampler_args(masks=masks, guidance_scale=guidance_scale, extra_guidance=extra_guidance, clipping=clipping,
+                       clip_percentile=clip_percentile)
+    masks = masks if masks.ndim == 5 else masks[:, None]
     reconstruction = guidance_scale > 0 and masks.shape[1] > 1
     if not reconstruction and not extra_guidance:
         D_0 = ambient_denoiser(net, masks[:, 0], class_labels)
@@ -255,12 +271,6 @@ def guided_ambient_denoiser(net, masks, class_labels=None, guidance_scale=0.0, c
     return denoise
 
 
-def _check_masks(masks):
-    if not isinstance(masks, torch.Tensor) or masks.ndim not in (4, 5):
-        raise ValueError(f'masks must be a tensor [N, K, C, H, W] (or [N, C, H, W] for K = 1), got '
-                         f'{tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__}')
-    return masks if masks.ndim == 5 else masks[:, None]
-
 #----------------------------------------------------------------------------
 # The fixed-mask ambient sampler.
 
@@ -279,17 +289,10 @@ def ambient_sampler(net, latents, masks, class_labels=None, randn_like=torch.ran
     extra_guidance: terms term(x, sigma, D0) -> loss (see `guided_ambient_denoiser`).
     Returns x_N [N, C, H, W] float64.
     """
-    _check_latents(latents)
-    masks = _check_masks(masks)
+    check_sampler_args(net, ambient=True, latents=latents, masks=masks, solver=solver, S_churn=S_churn, S_min=S_min,
+                       S_max=S_max, S_noise=S_noise, resample_masks=resample_masks)
+    masks = masks if masks.ndim == 5 else masks[:, None]
     n, k = masks.shape[:2]
-    if masks.shape[0] != latents.shape[0] or masks.shape[2:] != latents.shape[1:]:
-        raise ValueError(f'masks {tuple(masks.shape)} do not match latents {tuple(latents.shape)}; pass masks '
-                         f'[N, K, C, H, W] for latents [N, C, H, W]')
-    if getattr(net, 'ambient', True) is False:
-        raise ValueError('ambient_sampler got a clean network (ambient=False); use edm_sampler for it')
-    _check_schedule_options(solver, S_churn, S_min, S_max, S_noise)
-    if resample_masks is not None and not callable(resample_masks):
-        raise ValueError(f'resample_masks={resample_masks!r} is not callable; pass a function of the step index')
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=net, device=latents.device)
     options = dict(class_labels=class_labels, guidance_scale=guidance_scale, clipping=clipping,
                    clip_percentile=clip_percentile, extra_guidance=extra_guidance)
@@ -448,15 +451,13 @@ _MEASUREMENT_STREAM = 1     # spawn key that separates the measurement stream fr
 def measurement_generators(seeds, device=None):
     """Per-seed CPU generators of the measurement operator's parameters (masks, kernels, Φ).
 
-    Seed s gets `torch.Generator().manual_seed(h)` with h = numpy's SeedSequence(s, spawn_key=(1,)) hash to
-    32 bits: a stream of its own, not the sampler's (`StackedRandomGenerator` seeds with s itself; torch's CPU
-    generator keeps only 32 bits of a seed, so an offset such as 2**32 + s would give the same stream). A
+    Seed s gets `seeded_generator(s, spawn_key=(1,))`: a stream of its own, not the sampler's
+    (`StackedRandomGenerator` seeds with s itself; torch's CPU generator keeps only 32 bits of a seed, so an
+    offset such as 2**32 + s would give the same stream). A
     measurement depends on its seed alone, not on its batch, process or device. `device`: where the generators
     live (default CPU, so that the parameters are the same on every device).
     """
-    device = torch.device(device) if device is not None else torch.device('cpu')
-    return [torch.Generator(device).manual_seed(int(np.random.SeedSequence(int(s), spawn_key=(_MEASUREMENT_STREAM,))
-                                                    .generate_state(1)[0])) for s in seeds]
+    return [seeded_generator(s, spawn_key=(_MEASUREMENT_STREAM,), device=device) for s in seeds]
 
 
 def measure(operator, x0, seeds):

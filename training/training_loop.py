@@ -1,10 +1,10 @@
 """Main training loop: EDM's loop (Karras et al. 2022) with the ambient additions (Daras et al. 2023).
 
 Exact resumption: every random draw is keyed so that a run stopped at a state dump and resumed gives
-the same weights as a run that never stopped. σ and the noise of each training example come from a
-generator seeded by (seed, sampler position of that example), so they do not depend on the number of
-processes or on `batch_gpu`; the further corruption B is keyed the same way by the dataset;
-dropout uses the process's torch RNG and augmentation a per-rank generator, both saved in the state.
+the same weights as a run that never stopped. σ, the noise and the augmentation of each training example
+come from generators seeded by (seed, sampler position of that example), so they do not depend on the number
+of processes or on `batch_gpu`; the further corruption B is keyed the same way by the dataset; dropout uses
+the process's torch RNG, saved in the state.
 """
 
 import copy
@@ -23,63 +23,8 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from torch_utils.images import save_image_grid
-
-SNAPSHOT_FORMAT = 'ambient-diffusion-snapshot'
-STATE_FORMAT = 'ambient-diffusion-training-state'
-FORMAT_VERSION = 1
-
-# Config entries that must match for a resume to continue the same run.
-RESUME_MUST_MATCH = ('network_kwargs', 'loss_kwargs', 'augment_kwargs', 'corruption')
-
-
-# ---------------------------------------------------------------------------------------------
-# Small pieces, usable on their own (and by eval scripts).
-
-def seed_entropy(*entropy):
-    """A 63-bit seed from a well-mixed hash of integers."""
-    state = np.random.SeedSequence([int(e) % 2**63 for e in entropy]).generate_state(2, dtype=np.uint64)
-    return int(state[0]) % 2**63
-
-
-def kimg_tag(nimg):
-    """Snapshot name tag: EDM's `{kimg:06d}` for whole kimg, `{kimg:010.3f}` for fractional ones."""
-    return f'{nimg // 1000:06d}' if nimg % 1000 == 0 else f'{nimg / 1000:010.3f}'
-
-
-def atomic_torch_save(obj, path):
-    """torch.save through a temporary file and a rename: a crash leaves the previous file intact."""
-    with atomic_write(path, 'wb') as f:
-        torch.save(obj, f)
-
-
-def unwrap(module):
-    """The plain module under DDP and torch.compile wrappers."""
-    while True:
-        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, '_orig_mod'):
-            module = module._orig_mod
-        else:
-            return module
-
-
-def cpu_state_dict(module):
-    return {name: tensor.detach().cpu().clone() for name, tensor in unwrap(module).state_dict().items()}
-
-
-# The only classes a snapshot, a training state or training_options.json may ask us to build: a class name
-# read from a file would otherwise choose what code runs (`os.system` with a command as its argument).
-NETWORK_CLASSES = tuple(f'training.networks.{name}' for name in ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond'))
-
-
-def build_network(network_kwargs, source='network_kwargs'):
-    """Construct one of our preconditioned networks (`NETWORK_CLASSES`) from its stored kwargs (class_name plus
-    constructor arguments); any other class is refused with a ValueError naming `source`."""
-    class_name = network_kwargs.get('class_name') if isinstance(network_kwargs, dict) else None
-    if class_name not in NETWORK_CLASSES:
-        raise ValueError(f'{source}: class_name={class_name!r} is not one of the networks this codebase builds '
-                         f'({", ".join(NETWORK_CLASSES)}); refusing to construct it')
-    return dnnlib.util.construct_class_by_name(**network_kwargs)
+from torch_utils.misc import seed_hash, seeded_generator
+from training import snapshots
 
 
 def check_loss_fits_network(loss_fn, net):
@@ -91,58 +36,27 @@ def check_loss_fits_network(loss_fn, net):
                          'set both to the same value')
 
 
-def load_snapshot(path):
-    """Load a network snapshot written by the training loop; returns (network in eval mode, snapshot dict)."""
-    snapshot = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(snapshot, dict) or snapshot.get('format') != SNAPSHOT_FORMAT:
-        raise ValueError(f'{path} is not a network snapshot of this codebase (no "{SNAPSHOT_FORMAT}" format tag)')
-    net = build_network(snapshot.get('network_kwargs'), source=str(path))
-    net.load_state_dict(snapshot['ema'], strict=True)
-    return net.eval().requires_grad_(False), snapshot
-
-
-def find_latest_state(run_dir):
-    """Newest `training-state-*.pt` in a run directory, or None."""
-    states = [f for f in os.listdir(run_dir) if f.startswith('training-state-') and f.endswith('.pt')]
-    if not states:
-        return None
-    nimg = lambda f: round(float(f[len('training-state-'):-len('.pt')]) * 1000)
-    return os.path.join(run_dir, max(states, key=nimg))
-
-
-# Options added after states were first written: a state without the key was trained with this value.
-ABSENT_MEANS = {'hidden_precond': 'original', 'cond_sigma_min': 0}
-
-
-def config_differences(saved, current):
-    """Human-readable differences between two nested config dicts (for refused resumes)."""
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        absent = ABSENT_MEANS.get(key, '<absent>')
-        a, b = saved.get(key, absent), current.get(key, absent)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f'{key}.{d}' for d in config_differences(a, b)]
-        elif a != b:
-            diffs.append(f'{key}: {a!r} in the state, {b!r} now')
-    return diffs
-
-
-def _rng_state(augment_generator):
+def _rng_state():
     np_state = np.random.get_state()
     return dict(torch=torch.get_rng_state(),
         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         numpy=[np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        python=random.getstate(), augment=augment_generator.get_state())
+        python=random.getstate())
 
 
-def _set_rng_state(state, augment_generator):
+def _set_rng_state(states):
+    """Restore this process's RNG states from a state's list of every process's states."""
+    world_size = dist.get_world_size()
+    if len(states) != world_size:
+        dist.print0(f'Note: the state has RNG states of {len(states)} processes, now {world_size}; '
+            'dropout/augmentation draws will differ from an uninterrupted run.')
+    state = states[dist.get_rank() % len(states)]
     torch.set_rng_state(state['torch'])
     if torch.cuda.is_available() and state['cuda']:
         torch.cuda.set_rng_state_all(state['cuda'])
     kind, keys, pos, has_gauss, cached = state['numpy']
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
-    augment_generator.set_state(state['augment'])
 
 
 def rank_positions(start_position, consumed, count, rank, world_size):
@@ -213,16 +127,81 @@ def training_loop(
     device              = None,     # torch device; None = this process's CUDA device if any, else CPU.
 ):
     start_time = time.time()
-    # Plain JSON data from here on: checkpoints must load with torch.load(weights_only=True).
-    plain = lambda x: json.loads(json.dumps(x))
-    dataset_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs, augment_kwargs = (plain(x) for x in
-        (dataset_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs, augment_kwargs))
     device = torch.device(device) if device is not None else dist.device()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    np.random.seed(seed_entropy(seed, rank, 1) % (1 << 31))
-    random.seed(seed_entropy(seed, rank, 2))
-    torch.manual_seed(seed_entropy(seed, rank, 3))
-    augment_generator = torch.Generator(device).manual_seed(seed_entropy(seed, rank, 4))
+    _seed_process(seed, rank, deterministic, cudnn_benchmark)
+    batch_gpu, num_accumulation_rounds = split_batch(batch_size, batch_gpu, world_size)
+    # Plain JSON data from here on: checkpoints must load with torch.load(weights_only=True).
+    config = json.loads(json.dumps(dict(dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs,
+        loss_kwargs=loss_kwargs, augment_kwargs=augment_kwargs, optimizer_kwargs=optimizer_kwargs,
+        batch_size=batch_size, seed=seed)))
+    dataset_obj, net, loss_fn, augment_pipe, optimizer = _construct(config, batch_gpu, device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    # Where the run starts: from scratch, from a transferred network, or from a training state.
+    run = dnnlib.EasyDict(cur_nimg=0, cur_tick=0, start_position=0, consumed=0, sampler=None, rng=None, seed=seed,
+        rank=rank, world_size=world_size, device=device, ambient=bool(config['network_kwargs'].get('ambient', False)))
+    if transfer is not None:
+        _transfer_weights(transfer, net, ema)
+        ema_rampup_ratio = None
+    if resume_state is not None:
+        _resume(resume_state, config, net, ema, optimizer, run)
+    sampler, dataset_iterator = _data_stream(dataset_obj, run.sampler, seed, rank, world_size, batch_gpu,
+                                             data_loader_kwargs)
+    ddp = _distribute(net, device, world_size, compile)
+    if run.rng is not None:
+        _set_rng_state(run.rng)
+    outputs = _Outputs(run_dir, config, tensorboard, wandb_mode, wandb_kwargs, resume_nimg=run.cur_nimg)
+    if rank == 0 and run.cur_nimg == 0:
+        _save_data_grid(dataset_obj, os.path.join(run_dir, 'training-data.png'))
+
+    # Train.
+    dist.print0(f'Training for {total_kimg} kimg...')
+    dist.print0(f'Batch {batch_size} = {world_size} processes x {num_accumulation_rounds} rounds x {batch_gpu} per round')
+    tick = dnnlib.EasyDict(start_nimg=run.cur_nimg, start_time=time.time(), maintenance=time.time() - start_time)
+    dist.barrier()
+    while True:
+        optimizer.zero_grad(set_to_none=True)
+        _accumulate_gradients(ddp, loss_fn, dataset_iterator, run, num_accumulation_rounds,
+            loss_scaling / (batch_gpu * num_accumulation_rounds), augment_pipe)
+        _optimizer_step(net, optimizer, config['optimizer_kwargs']['lr'], lr_rampup_kimg, run.cur_nimg, max_grad_norm)
+        _update_ema(ema, net, run.cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
+
+        # Tick?
+        run.cur_nimg += batch_size
+        done = run.cur_nimg >= total_kimg * 1000
+        if not done and run.cur_tick != 0 and run.cur_nimg < tick.start_nimg + kimg_per_tick * 1000:
+            continue
+        tick_end_time = time.time()
+        dist.print0(_status_line(run, tick, tick_end_time - start_time, tick_end_time, device))
+
+        # Snapshots, state dumps and statistics.
+        if snapshot_ticks is not None and (done or run.cur_tick % snapshot_ticks == 0) and rank == 0:
+            snapshots.save_snapshot(run_dir, ema, run.cur_nimg, config)
+        if (state_dump_ticks is not None and run.cur_tick != 0 and run.cur_tick % state_dump_ticks == 0) or done:
+            _save_state(run_dir, run, net, ema, optimizer, sampler, config)
+        outputs.update(run.cur_nimg)
+
+        # Next tick.
+        run.cur_tick += 1
+        tick.update(start_nimg=run.cur_nimg, start_time=time.time(), maintenance=time.time() - tick_end_time)
+        if done:
+            break
+
+    outputs.close()
+    dist.print0('Exiting...')
+    return dict(cur_nimg=run.cur_nimg, cur_tick=run.cur_tick)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of the loop.
+
+def _seed_process(seed, rank, deterministic, cudnn_benchmark):
+    """Seed this process's global RNGs (dropout, anything else drawing from them); set the determinism and
+    TF32 switches."""
+    np.random.seed(seed_hash(seed, rank, 1) % (1 << 31))
+    random.seed(seed_hash(seed, rank, 2))
+    torch.manual_seed(seed_hash(seed, rank, 3))
     if deterministic:
         misc.set_deterministic(True)
     else:
@@ -230,234 +209,247 @@ def training_loop(
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
-    # Batch sizes.
+
+def split_batch(batch_size, batch_gpu, world_size):
+    """(per-round batch, accumulation rounds) of a total batch over `world_size` processes, each limited to
+    `batch_gpu` images per round (None = no limit)."""
     batch_gpu_total = batch_size // world_size
     if batch_gpu is None or batch_gpu > batch_gpu_total:
         batch_gpu = batch_gpu_total
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
-    if batch_size != batch_gpu * num_accumulation_rounds * world_size:
+    rounds = batch_gpu_total // batch_gpu
+    if batch_size != batch_gpu * rounds * world_size:
         raise ValueError(f'batch={batch_size} is not divisible by processes ({world_size}) x batch_gpu ({batch_gpu})')
+    return batch_gpu, rounds
 
-    # Dataset.
+
+def _construct(config, batch_gpu, device):
+    """The dataset, network, loss, augmentation pipe and optimizer of a run's config; completes the config with
+    the network's dataset-dependent kwargs and the dataset's corruption."""
     dist.print0('Loading dataset...')
-    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    corruption = dataset_obj.corruption_config()
-    ambient = bool(network_kwargs.get('ambient', False))
-
-    # Network, loss, augmentation.
+    dataset_obj = dnnlib.util.construct_class_by_name(**config['dataset_kwargs'])
+    config['corruption'] = dataset_obj.corruption_config()
     dist.print0('Constructing network...')
-    interface_kwargs = dict(img_resolution=dataset_obj.resolution, label_dim=dataset_obj.label_dim,
-        img_channels=dataset_obj.num_channels * (2 if ambient else 1))
-    network_kwargs = dict(network_kwargs, **interface_kwargs)
-    net = build_network(network_kwargs).train().requires_grad_(True).to(device)
-    if rank == 0:
-        C, R = dataset_obj.num_channels, dataset_obj.resolution
-        with torch.no_grad():
-            misc.print_module_summary(net, [torch.zeros([batch_gpu, interface_kwargs['img_channels'], R, R], device=device),
-                torch.ones([batch_gpu], device=device), torch.zeros([batch_gpu, net.label_dim], device=device)], max_nesting=2)
-    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    if ambient:
+    net, config['network_kwargs'] = _build_network(config['network_kwargs'], dataset_obj, batch_gpu, device)
+    loss_fn = dnnlib.util.construct_class_by_name(**config['loss_kwargs'])
+    if config['network_kwargs'].get('ambient', False):
         check_loss_fits_network(loss_fn, net)
+    augment_kwargs = config['augment_kwargs']
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    base_lr = optimizer_kwargs['lr']
-    config = dict(network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, augment_kwargs=augment_kwargs,
-        corruption=corruption, dataset_kwargs=dataset_kwargs, optimizer_kwargs=optimizer_kwargs,
-        batch_size=batch_size, seed=seed)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **config['optimizer_kwargs'])
+    return dataset_obj, net, loss_fn, augment_pipe, optimizer
 
-    # Resume or transfer.
-    cur_nimg, cur_tick, start_position, rng_states = 0, 0, 0, None
-    sampler_state = None
-    if transfer is not None:
-        dist.print0(f'Initialising weights from "{transfer}"...')
-        src = torch.load(transfer, map_location='cpu', weights_only=True)
-        src = src['ema'] if isinstance(src, dict) and 'ema' in src else src
-        misc.copy_params_and_buffers(src, net, require_all=True)
-        misc.copy_params_and_buffers(src, ema, require_all=True)
-        ema_rampup_ratio = None
-    if resume_state is not None:
-        dist.print0(f'Resuming from "{resume_state}"...')
-        state = torch.load(resume_state, map_location='cpu', weights_only=True)
-        if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
-            raise ValueError(f'{resume_state} is not a training state of this codebase')
-        diffs = []
-        for key in RESUME_MUST_MATCH:
-            diffs += config_differences({key: state['config'].get(key)}, {key: config[key]})
-        if diffs:
-            raise ValueError('cannot resume: the run was started with a different configuration: ' + '; '.join(diffs))
-        net.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-        cur_nimg, cur_tick = state['cur_nimg'], state['cur_tick']
-        sampler_state = state['sampler']
-        start_position = sampler_state['position']
-        rng_states = state['rng']
-        del state
 
-    # Data.
+def _build_network(network_kwargs, dataset_obj, batch_gpu, device):
+    """The network for the dataset's resolution, labels and channels (doubled for [image, mask] input);
+    rank 0 prints its summary. Returns (network, the complete network kwargs)."""
+    ambient = bool(network_kwargs.get('ambient', False))
+    channels = dataset_obj.num_channels * (2 if ambient else 1)
+    network_kwargs = dict(network_kwargs, img_resolution=dataset_obj.resolution, label_dim=dataset_obj.label_dim,
+                          img_channels=channels)
+    net = snapshots.build_network(network_kwargs).train().requires_grad_(True).to(device)
+    if dist.get_rank() == 0:
+        R = dataset_obj.resolution
+        with torch.no_grad():
+            misc.print_module_summary(net, [torch.zeros([batch_gpu, channels, R, R], device=device),
+                torch.ones([batch_gpu], device=device), torch.zeros([batch_gpu, net.label_dim], device=device)],
+                max_nesting=2)
+    return net, network_kwargs
+
+
+def _transfer_weights(path, net, ema):
+    """Initialise the network and its EMA from a snapshot (ours) or a plain state dict."""
+    dist.print0(f'Initialising weights from "{path}"...')
+    src = snapshots.read_torch_file(path, 'network snapshot (.pt) or state dict to transfer weights from')
+    src = src['ema'] if isinstance(src, dict) and 'ema' in src else src
+    if not isinstance(src, dict) or not all(isinstance(v, torch.Tensor) for v in src.values()):
+        raise ValueError(f'{path} holds no state dict of tensors (nor a snapshot with one under "ema")')
+    misc.copy_params_and_buffers(src, net, require_all=True)
+    misc.copy_params_and_buffers(src, ema, require_all=True)
+
+
+def _resume(path, config, net, ema, optimizer, run):
+    """Load a training state into the network, EMA and optimizer, and its counters into `run`."""
+    dist.print0(f'Resuming from "{path}"...')
+    state = snapshots.load_state(path, config)
+    net.load_state_dict(state['net'])
+    ema.load_state_dict(state['ema'])
+    optimizer.load_state_dict(state['optimizer'])
+    # The state was written at the end of tick `cur_tick`: the run continues with the next one.
+    run.update(cur_nimg=state['cur_nimg'], cur_tick=state['cur_tick'] + 1, sampler=state['sampler'],
+               start_position=state['sampler']['position'], rng=state['rng'])
+
+
+def _save_state(run_dir, run, net, ema, optimizer, sampler, config):
+    """Everything a resume needs (gathered from every process; written by rank 0)."""
+    rng = dist.all_gather_object(_rng_state())
+    world_size = dist.get_world_size()
+    state = dict(net=snapshots.cpu_state_dict(net), ema=snapshots.cpu_state_dict(ema),
+        optimizer=optimizer.state_dict(), sampler=sampler.state_dict(position=run.start_position + run.consumed * world_size),
+        rng=rng, cur_nimg=run.cur_nimg, cur_tick=run.cur_tick, config=config)
+    if dist.get_rank() == 0:
+        snapshots.save_state(run_dir, state)
+
+
+def _data_stream(dataset_obj, sampler_state, seed, rank, world_size, batch_gpu, data_loader_kwargs):
+    """(sampler, iterator of per-round batches) continuing from `sampler_state` (None = the start)."""
     sampler = misc.InfiniteSampler(dataset_obj, rank=rank, num_replicas=world_size, seed=seed, yield_positions=True)
     if sampler_state is not None:
         sampler.load_state_dict(sampler_state)
-    loader_generator = torch.Generator().manual_seed(seed_entropy(seed, rank, 5))
-    dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=sampler, batch_size=batch_gpu,
-        generator=loader_generator, **data_loader_kwargs))
-    consumed = 0  # Items this rank has consumed since `start_position`.
+    loader_generator = seeded_generator(seed, rank, 5)
+    return sampler, iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=sampler, batch_size=batch_gpu,
+                                                     generator=loader_generator, **data_loader_kwargs))
 
-    # Distribution and compilation.
+
+def _distribute(net, device, world_size, compile):
+    """The module the step calls: `net` under DDP (several processes) and torch.compile (if asked)."""
     ddp = net
     if world_size > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
             broadcast_buffers=False)
-    if compile:
-        ddp = torch.compile(ddp)
-    if rng_states is not None:
-        if len(rng_states) != world_size:
-            dist.print0(f'Note: the state has RNG states of {len(rng_states)} processes, now {world_size}; '
-                'dropout/augmentation draws will differ from an uninterrupted run.')
-        _set_rng_state(rng_states[rank % len(rng_states)], augment_generator)
+    return torch.compile(ddp) if compile else ddp
 
-    # Outputs.
-    stats_jsonl, stats_tfevents, wandb_run = None, None, None
-    if rank == 0:
+
+def _accumulate_gradients(ddp, loss_fn, batches, run, rounds, loss_scale, augment_pipe):
+    """Backpropagate `rounds` batches of this process (gradients synchronised after the last round only)."""
+    for round_idx in range(rounds):
+        with misc.ddp_sync(ddp, round_idx == rounds - 1):
+            batch = next(batches)
+            positions = rank_positions(run.start_position, run.consumed, len(batch[0]), run.rank, run.world_size)
+            run.consumed += len(batch[0])
+            loss = batch_loss(ddp, loss_fn, batch, positions, run.seed, run.device, run.ambient, augment_pipe)
+            loss.sum().mul(loss_scale).backward()
+
+
+def batch_loss(net, loss_fn, batch, positions, seed, device, ambient, augment_pipe):
+    """Per-pixel loss of one round's batch (observation, labels, mask, hat_mask); reports the diagnostics.
+
+    σ and the noise of each example come from a generator keyed by (seed, its sampler position), its
+    augmentation from another one keyed the same way."""
+    observation, labels, mask, hat_mask = batch
+    generators = [seeded_generator(seed, 6, p) for p in positions]
+    augment_generator = [seeded_generator(seed, 7, p) for p in positions] if augment_pipe is not None else None
+    observation, mask, hat_mask = (t.to(device, non_blocking=True) for t in (observation, mask, hat_mask))
+    labels = labels.to(device) if labels.shape[-1] > 0 else None
+    if ambient:
+        loss, diagnostics = loss_fn(net=net, observation=observation, mask=mask, hat_mask=hat_mask, labels=labels,
+            augment_pipe=augment_pipe, generator=generators, augment_generator=augment_generator)
+    else:
+        loss, diagnostics = loss_fn(net=net, images=observation, labels=labels, augment_pipe=augment_pipe,
+            generator=generators, augment_generator=augment_generator)
+    for name, value in diagnostics.items():
+        training_stats.report(f'Loss/{name}', value)
+    return loss
+
+
+def _optimizer_step(net, optimizer, base_lr, lr_rampup_kimg, cur_nimg, max_grad_norm):
+    """Learning-rate ramp-up, non-finite gradients zeroed/clamped, optional clipping, one optimizer step."""
+    lr = base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1) if lr_rampup_kimg > 0 else base_lr
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    for param in net.parameters():
+        if param.grad is not None:
+            torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+    if max_grad_norm is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
+        training_stats.report('Train/grad_norm', grad_norm)
+    optimizer.step()
+    training_stats.report('Train/lr', lr)
+
+
+def _update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio):
+    """EMA of the weights with EDM's half-life in images (ramped up with the images seen); buffers copied."""
+    ema_halflife_nimg = ema_halflife_kimg * 1000
+    if ema_rampup_ratio is not None:
+        ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
+    ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
+    with torch.no_grad():
+        for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+            p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+        for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+            b_ema.copy_(b_net)
+
+
+def _status_line(run, tick, total_sec, tick_end_time, device):
+    """The tick's progress line; its numbers are also reported as Progress/*, Timing/* and Resources/* stats."""
+    report0 = training_stats.report0
+    sec_per_kimg = (tick_end_time - tick.start_time) / max(run.cur_nimg - tick.start_nimg, 1) * 1e3
+    fields = [f"tick {report0('Progress/tick', run.cur_tick):<5d}",
+        f"kimg {report0('Progress/kimg', run.cur_nimg / 1e3):<9.3f}",
+        f"time {dnnlib.util.format_time(report0('Timing/total_sec', total_sec)):<12s}",
+        f"sec/tick {report0('Timing/sec_per_tick', tick_end_time - tick.start_time):<7.1f}",
+        f"sec/kimg {report0('Timing/sec_per_kimg', sec_per_kimg):<7.2f}",
+        f"maintenance {report0('Timing/maintenance_sec', tick.maintenance):<6.1f}",
+        f"cpumem {report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
+    if device.type == 'cuda':
+        fields += [f"gpumem {report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}"]
+        torch.cuda.reset_peak_memory_stats()
+    return ' '.join(fields)
+
+
+def _drop_rows_after(stats_path, nimg):
+    """Remove the stats.jsonl rows of ticks after `nimg` (written before a kill; the resumed run writes them
+    again), so that a resumed run's rows equal an uninterrupted run's. A damaged last line is dropped too."""
+    if not os.path.isfile(stats_path):
+        return
+    keep = []
+    with open(stats_path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if round(row.get('Progress/kimg', {}).get('mean', 0) * 1000) <= nimg:
+                keep.append(line if line.endswith('\n') else line + '\n')
+    with atomic_write(stats_path, 'w') as f:
+        f.writelines(keep)
+
+
+class _Outputs:
+    """The statistics of each tick, collected from every process; rank 0 writes them to stats.jsonl (appended),
+    loss.png, tensorboard and wandb (when asked)."""
+
+    def __init__(self, run_dir, config, tensorboard, wandb_mode, wandb_kwargs, resume_nimg=0):
+        self.collector = training_stats.Collector(regex='.*')
+        self.run_dir = run_dir
+        self.jsonl, self.tfevents, self.wandb_run = None, None, None
+        if dist.get_rank() != 0:
+            return
         os.makedirs(run_dir, exist_ok=True)
-        stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+        stats_path = os.path.join(run_dir, 'stats.jsonl')
+        if resume_nimg > 0:
+            _drop_rows_after(stats_path, resume_nimg)
+        self.jsonl = open(stats_path, 'at')
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            stats_tfevents = SummaryWriter(run_dir)
+            self.tfevents = SummaryWriter(run_dir)
         if wandb_mode != 'off':
             import wandb
-            wandb_run = wandb.init(mode=wandb_mode, dir=run_dir, config=config, resume='allow', **wandb_kwargs)
-        if cur_nimg == 0:
-            _save_data_grid(dataset_obj, os.path.join(run_dir, 'training-data.png'))
+            self.wandb_run = wandb.init(mode=wandb_mode, dir=run_dir, config=config, resume='allow', **wandb_kwargs)
 
-    def save_snapshot():
-        data = dict(format=SNAPSHOT_FORMAT, version=FORMAT_VERSION, ema=cpu_state_dict(ema),
-            network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, augment_kwargs=augment_kwargs,
-            dataset_kwargs=dataset_kwargs, corruption=corruption, nimg=cur_nimg)
-        if rank == 0:
-            atomic_torch_save(data, os.path.join(run_dir, f'network-snapshot-{kimg_tag(cur_nimg)}.pt'))
+    def update(self, nimg):
+        """Close the tick's statistics (a collective call: every process makes it) and write them."""
+        self.collector.update()
+        if self.jsonl is None:
+            return
+        stats = self.collector.as_dict()
+        self.jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
+        self.jsonl.flush()
+        plot_losses(os.path.join(self.run_dir, 'stats.jsonl'), os.path.join(self.run_dir, 'loss.png'))
+        scalars = {name: value.mean for name, value in stats.items()}
+        if self.tfevents is not None:
+            for name, value in scalars.items():
+                self.tfevents.add_scalar(name, value, global_step=nimg)
+            self.tfevents.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=nimg)
 
-    def save_state():
-        rng = dist.all_gather_object(_rng_state(augment_generator))
-        data = dict(format=STATE_FORMAT, version=FORMAT_VERSION, net=cpu_state_dict(net), ema=cpu_state_dict(ema),
-            optimizer=optimizer.state_dict(), sampler=sampler.state_dict(position=start_position + consumed * world_size),
-            rng=rng, cur_nimg=cur_nimg, cur_tick=cur_tick, config=config)
-        if rank == 0:
-            atomic_torch_save(data, os.path.join(run_dir, f'training-state-{kimg_tag(cur_nimg)}.pt'))
-
-    # Train.
-    dist.print0(f'Training for {total_kimg} kimg...')
-    dist.print0(f'Batch {batch_size} = {world_size} processes x {num_accumulation_rounds} rounds x {batch_gpu} per round')
-    tick_start_nimg = cur_nimg
-    tick_start_time = time.time()
-    maintenance_time = tick_start_time - start_time
-    dist.barrier()
-    stats_collector = training_stats.Collector(regex='.*')
-    while True:
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            with misc.ddp_sync(ddp, round_idx == num_accumulation_rounds - 1):
-                observation, labels, mask, hat_mask = next(dataset_iterator)
-                positions = rank_positions(start_position, consumed, observation.shape[0], rank, world_size)
-                consumed += observation.shape[0]
-                generators = [torch.Generator().manual_seed(seed_entropy(seed, 6, p)) for p in positions]
-                observation, mask, hat_mask = (t.to(device, non_blocking=True) for t in (observation, mask, hat_mask))
-                labels = labels.to(device) if dataset_obj.label_dim > 0 else None
-                if ambient:
-                    loss, diagnostics = loss_fn(net=ddp, observation=observation, mask=mask, hat_mask=hat_mask,
-                        labels=labels, augment_pipe=augment_pipe, generator=generators, augment_generator=augment_generator)
-                else:
-                    loss, diagnostics = loss_fn(net=ddp, images=observation, labels=labels, augment_pipe=augment_pipe,
-                        generator=generators, augment_generator=augment_generator)
-                for name, value in diagnostics.items():
-                    training_stats.report(f'Loss/{name}', value)
-                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
-
-        # Update the weights.
-        lr = base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1) if lr_rampup_kimg > 0 else base_lr
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        for param in net.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-        if max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
-            training_stats.report('Train/grad_norm', grad_norm)
-        optimizer.step()
-        training_stats.report('Train/lr', lr)
-
-        # Update the EMA.
-        ema_halflife_nimg = ema_halflife_kimg * 1000
-        if ema_rampup_ratio is not None:
-            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
-        ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-        with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
-            for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-                b_ema.copy_(b_net)
-
-        # Tick?
-        cur_nimg += batch_size
-        done = cur_nimg >= total_kimg * 1000
-        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
-            continue
-
-        # Status line.
-        tick_end_time = time.time()
-        fields = []
-        fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
-        fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.3f}"]
-        fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
-        fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
-        sec_per_kimg = (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3
-        fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', sec_per_kimg):<7.2f}"]
-        fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
-        fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
-        if device.type == 'cuda':
-            fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}"]
-            torch.cuda.reset_peak_memory_stats()
-        dist.print0(' '.join(fields))
-
-        # Snapshots and state dumps.
-        if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
-            save_snapshot()
-        if (state_dump_ticks is not None and cur_tick != 0 and cur_tick % state_dump_ticks == 0) or done:
-            save_state()
-
-        # Statistics.
-        stats_collector.update()
-        if rank == 0:
-            stats = stats_collector.as_dict()
-            stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
-            stats_jsonl.flush()
-            plot_losses(os.path.join(run_dir, 'stats.jsonl'), os.path.join(run_dir, 'loss.png'))
-            scalars = {name: value.mean for name, value in stats.items()}
-            if stats_tfevents is not None:
-                for name, value in scalars.items():
-                    stats_tfevents.add_scalar(name, value, global_step=cur_nimg)
-                stats_tfevents.flush()
-            if wandb_run is not None:
-                wandb_run.log(scalars, step=cur_nimg)
-
-        # Next tick.
-        cur_tick += 1
-        tick_start_nimg = cur_nimg
-        tick_start_time = time.time()
-        maintenance_time = tick_start_time - tick_end_time
-        if done:
-            break
-
-    # Done.
-    if rank == 0:
-        stats_jsonl.close()
-        if stats_tfevents is not None:
-            stats_tfevents.close()
-        if wandb_run is not None:
-            wandb_run.finish()
-    dist.print0('Exiting...')
-    return dict(cur_nimg=cur_nimg, cur_tick=cur_tick)
+    def close(self):
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tfevents is not None:
+            self.tfevents.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def _save_data_grid(dataset, dest, num=32):

@@ -1,4 +1,4 @@
-"""Tests for torch_utils/checkpoints.py: finding snapshots and loading ours, the original's and EDM's.
+"""Tests for training/snapshots.py and torch_utils/pickles.py: finding snapshots and loading ours, the original's and EDM's.
 
 The original's and EDM's pickles are written here with their real structure: tensors pickled the way
 torch pickles them (storage bytes from `torch.storage._load_from_bytes`), rewritten to claim a CUDA
@@ -21,8 +21,9 @@ import torch
 
 import dnnlib
 import torch_utils
-from torch_utils.checkpoints import PickledObject, list_snapshots, load_network, resolve_networks, restricted_load
-from training import networks, training_loop
+from torch_utils.pickles import PickledObject, restricted_load
+from training import networks, snapshots
+from training.snapshots import list_snapshots, load_network, resolve_networks
 
 CPU_TAG, CUDA_TAG = b'X\x03\x00\x00\x00cpu', b'X\x06\x00\x00\x00cuda:0'  # the location string, pickled
 
@@ -291,12 +292,12 @@ def test_our_snapshot_loads(tmp_path, hidden_precond):
               gate='sigmoid', use_fp16=False, **TINY)
     if hidden_precond is not None:  # snapshots written before the option existed have no key: 'original'
         kw['hidden_precond'] = hidden_precond
-    ref = randomize(training_loop.build_network(kw))
+    ref = randomize(snapshots.build_network(kw))
     corruption = dict(pattern='box', corruption_probability=0.4, delta_probability=0.2, mask_full_rgb=False,
                       corruption_seed=0, hat_seed=1, fixed_hat_mask=False)
-    path = tmp_path / f'network-snapshot-{training_loop.kimg_tag(16)}.pt'
-    training_loop.atomic_torch_save(dict(format=training_loop.SNAPSHOT_FORMAT, version=training_loop.FORMAT_VERSION,
-        ema=training_loop.cpu_state_dict(ref), network_kwargs=kw, loss_kwargs={}, augment_kwargs=None,
+    path = tmp_path / f'network-snapshot-{snapshots.kimg_tag(16)}.pt'
+    snapshots.atomic_torch_save(dict(format=snapshots.SNAPSHOT_FORMAT, version=snapshots.FORMAT_VERSION,
+        ema=snapshots.cpu_state_dict(ref), network_kwargs=kw, loss_kwargs={}, augment_kwargs=None,
         dataset_kwargs={}, corruption=corruption, nimg=16), str(path))
     net, info = load_network(path)
     x = torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -321,7 +322,7 @@ def test_snapshot_naming_a_foreign_class_is_refused(tmp_path, class_name, extra)
     extra = {k: (v.replace('SENTINEL', str(sentinel)) if isinstance(v, str) else [x.replace('SENTINEL', str(sentinel))
              for x in v]) for k, v in extra.items()}
     path = tmp_path / 'network-snapshot-000001.pt'
-    torch.save(dict(format=training_loop.SNAPSHOT_FORMAT, ema={}, nimg=1000,
+    torch.save(dict(format=snapshots.SNAPSHOT_FORMAT, ema={}, nimg=1000,
                     network_kwargs=dict(class_name=class_name, **extra)), path)
     with pytest.raises(ValueError, match='not one of the networks'):
         load_network(path)

@@ -1,248 +1,162 @@
-"""Finding and loading trained networks: our snapshots, the original's pickles and EDM's pickles.
+"""The snapshot format: network snapshots and training states, written and read, ours and foreign.
 
-Formats (detected from the file's content, not its name):
-- ours: `network-snapshot-*.pt`, a `torch.save` dict of plain data (`torch.load(weights_only=True)`).
-- original (Daras et al. 2023, giannisdaras/ambient-diffusion): `network-snapshot-{kimg:06d}.pkl`, a plain
-  pickle of dict(ema=<state dict, keys maybe prefixed '_orig_mod.'/'module.', CUDA tensors>, loss_fn=,
-  augment_pipe=, dataset_kwargs=). The architecture is not in the file: the network is rebuilt from the
-  run's `training_options.json`.
-- edm (Karras et al. 2022): a pickle whose `ema` is a module object; its classes are "persistent" (the
-  pickle embeds their source code, EDM `torch_utils/persistence.py`).
+Ours (written by the training loop, read with `torch.load(weights_only=True)`, plain data only):
+- `network-snapshot-{kimg}.pt`: dict(format=SNAPSHOT_FORMAT, version, ema=<state dict>, network_kwargs,
+  loss_kwargs, augment_kwargs, dataset_kwargs, corruption, nimg).
+- `training-state-{kimg}.pt`: dict(format=STATE_FORMAT, version, net, ema, optimizer, sampler, rng, cur_nimg,
+  cur_tick, config), everything a resume needs.
+The kimg tag is EDM's `{kimg:06d}` for whole kimg, `{kimg:010.3f}` otherwise.
 
-Pickles are read with `RestrictedUnpickler`: it builds tensors (on the CPU, whatever device they were
-saved from), OrderedDicts, sets, numpy scalars and primitives; every other global becomes an inert
-`PickledObject` that records its name and arguments and never runs anything. Module pickles are then
-rebuilt from that record (the persistent objects' constructor arguments and tensors) into our own
-classes, so EDM's networks load without running their embedded code. Only a module pickle whose
-classes we do not have needs `allow_unsafe_pickle=True`, which executes the embedded source.
+Foreign (read only, detected from the content, not the name; pickles go through `torch_utils.pickles`, so
+no code in them runs):
+- the original's (Daras et al. 2023) `network-snapshot-{kimg:06d}.pkl`: dict(ema=<state dict, keys maybe
+  prefixed '_orig_mod.'/'module.', CUDA tensors>, loss_fn=, augment_pipe=, dataset_kwargs=). The architecture
+  is not in the file: the network is rebuilt from the run's `training_options.json`.
+- EDM's (Karras et al. 2022) pickles, whose `ema` is a module object of "persistent" classes: rebuilt into our
+  classes from the recorded constructor arguments and tensors; only classes we do not have need
+  `--allow_unsafe_pickle`, which runs the source the pickle embeds.
+
+Every network any of these files names is built by `build_network`, from an allow-list of our classes: a class
+name read from a file never chooses what code runs.
 """
 
-import hashlib
-import io
 import json
 import os
-import pickle
 import re
-import sys
-import types
-import warnings
 from collections import OrderedDict
 from typing import List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 
 import dnnlib
-from torch_utils.misc import unwrapped_name
+from dnnlib.util import atomic_write
+from torch_utils.misc import unwrap, unwrapped_name
+from torch_utils.pickles import UNSAFE_FLAG, PickledObject, restricted_load, unsafe_load
 
+SNAPSHOT_FORMAT = 'ambient-diffusion-snapshot'
+STATE_FORMAT = 'ambient-diffusion-training-state'
+FORMAT_VERSION = 1
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+(?:\.\d+)?)\.(pt|pkl)$')
-PERSISTENT_RECONSTRUCT = 'torch_utils.persistence._reconstruct_persistent_obj'
 PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond')
 MODELS = ('SongUNet', 'DhariwalUNet')
-UNSAFE_FLAG = '--allow_unsafe_pickle'
 
-# Storage classes of torch's legacy serialization (torch.<Name>Storage, or torch.cuda.<Name>Storage
-# in old versions) and the dtype of their elements.
-_STORAGE_DTYPES = {
-    'DoubleStorage': torch.float64, 'FloatStorage': torch.float32, 'HalfStorage': torch.float16,
-    'BFloat16Storage': torch.bfloat16, 'LongStorage': torch.int64, 'IntStorage': torch.int32,
-    'ShortStorage': torch.int16, 'CharStorage': torch.int8, 'ByteStorage': torch.uint8, 'BoolStorage': torch.bool,
-    'ComplexFloatStorage': torch.complex64, 'ComplexDoubleStorage': torch.complex128, 'UntypedStorage': torch.uint8,
-}
+# The only classes a snapshot, a training state, training_options.json or a pickle may ask us to build: a class
+# name read from a file would otherwise choose what code runs (`os.system` with a command as its argument).
+NETWORK_CLASSES = tuple(f'training.networks.{name}' for name in PRECONDS)
+
+# Config entries that must match for a resume to continue the same run.
+RESUME_MUST_MATCH = ('network_kwargs', 'loss_kwargs', 'augment_kwargs', 'corruption')
+
+# Options added after states were first written: a state without the key was trained with this value.
+ABSENT_MEANS = {'hidden_precond': 'original', 'cond_sigma_min': 0}
+
 
 # ----------------------------------------------------------------------------
-# Restricted unpickling.
+# Writing and reading ours.
 
 
-class PickledObject:
-    """Inert stand-in for an object the pickle would have built by calling code (a class or a function).
+def kimg_tag(nimg):
+    """Snapshot name tag: EDM's `{kimg:06d}` for whole kimg, `{kimg:010.3f}` for fractional ones."""
+    return f'{nimg // 1000:06d}' if nimg % 1000 == 0 else f'{nimg / 1000:010.3f}'
 
-    `pickled_global` is the dotted name of that code, `pickled_args` the arguments it would have been
-    called with and `pickled_state` what would have been passed to `__setstate__`. Nothing is called.
-    """
-    pickled_global = '?'
 
-    def __new__(cls, *args, **kwargs):
-        # Pickles create objects either by calling the class (REDUCE) or through __new__ (NEWOBJ).
-        obj = super().__new__(cls)
-        obj.pickled_args = args
-        obj.pickled_kwargs = kwargs
-        obj.pickled_state = None
-        obj.pickled_items = []
-        return obj
+def atomic_torch_save(obj, path):
+    """torch.save through a temporary file and a rename: a crash leaves the previous file intact."""
+    with atomic_write(path, 'wb') as f:
+        torch.save(obj, f)
 
-    def __setstate__(self, state):
-        self.pickled_state = state
 
-    # Containers (list / dict subclasses) are filled through these during unpickling.
-    def append(self, item):
-        self.pickled_items.append(item)
+def cpu_state_dict(module):
+    """A detached CPU copy of the state dict of the module under any DDP / torch.compile wrappers."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in unwrap(module).state_dict().items()}
 
-    def extend(self, items):
-        self.pickled_items.extend(items)
 
-    def __setitem__(self, key, value):
-        self.pickled_items.append((key, value))
+def build_network(network_kwargs, source='network_kwargs'):
+    """Construct one of our preconditioned networks (`NETWORK_CLASSES`) from its stored kwargs (class_name plus
+    constructor arguments); any other class is refused with a ValueError naming `source`."""
+    class_name = network_kwargs.get('class_name') if isinstance(network_kwargs, Mapping) else None
+    if class_name not in NETWORK_CLASSES:
+        raise ValueError(f'{source}: class_name={class_name!r} is not one of the networks this codebase builds '
+                         f'({", ".join(NETWORK_CLASSES)}); refusing to construct it')
+    return dnnlib.util.construct_class_by_name(**network_kwargs)
 
-    @property
-    def persistent_meta(self):
-        """The meta dict of an EDM persistent object (class_name, module_src, state), else None."""
-        if self.pickled_global == PERSISTENT_RECONSTRUCT and len(self.pickled_args) == 1 \
-                and isinstance(self.pickled_args[0], Mapping):
-            return self.pickled_args[0]
+
+def save_snapshot(run_dir, ema, nimg, config):
+    """Write `network-snapshot-{kimg}.pt` of the EMA network; `config` holds the run's kwargs and corruption."""
+    data = dict(format=SNAPSHOT_FORMAT, version=FORMAT_VERSION, ema=cpu_state_dict(ema), nimg=nimg,
+        **{key: config[key] for key in ('network_kwargs', 'loss_kwargs', 'augment_kwargs', 'dataset_kwargs',
+                                        'corruption')})
+    path = os.path.join(run_dir, f'network-snapshot-{kimg_tag(nimg)}.pt')
+    atomic_torch_save(data, path)
+    return path
+
+
+def read_torch_file(path, what):
+    """`torch.load(path, weights_only=True)` on the CPU; a missing, truncated or foreign file is a ValueError
+    that names it and says what was expected (`what`)."""
+    if not os.path.isfile(path):
+        raise ValueError(f'{path}: no such file; expected {what}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for damaged files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f'{path} is not a readable {what} (truncated, damaged or another kind of file: '
+                         f'{reason[:160]})') from None
+
+
+def load_snapshot(path):
+    """Load a network snapshot written by the training loop; returns (network in eval mode, snapshot dict)."""
+    snapshot = read_torch_file(path, 'network snapshot of this codebase')
+    if not isinstance(snapshot, dict) or snapshot.get('format') != SNAPSHOT_FORMAT:
+        raise ValueError(f'{path} is not a network snapshot of this codebase (no "{SNAPSHOT_FORMAT}" format tag)')
+    net = build_network(snapshot.get('network_kwargs'), source=str(path))
+    net.load_state_dict(snapshot['ema'], strict=True)
+    return net.eval().requires_grad_(False), snapshot
+
+
+def save_state(run_dir, state):
+    """Write `training-state-{kimg}.pt` from the dict of what a resume needs (`cur_nimg` names the file)."""
+    path = os.path.join(run_dir, f'training-state-{kimg_tag(state["cur_nimg"])}.pt')
+    atomic_torch_save(dict(format=STATE_FORMAT, version=FORMAT_VERSION, **state), path)
+    return path
+
+
+def load_state(path, config=None):
+    """A training state; with `config`, checked against the current run's: the entries of RESUME_MUST_MATCH must
+    agree. The state's `cur_tick` is the tick at whose end it was written."""
+    state = read_torch_file(path, 'training state (training-state-*.pt)')
+    if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
+        raise ValueError(f'{path} is not a training state of this codebase (no "{STATE_FORMAT}" format tag)')
+    if config is None:
+        return state
+    diffs = []
+    for key in RESUME_MUST_MATCH:
+        diffs += config_differences({key: state['config'].get(key)}, {key: config[key]})
+    if diffs:
+        raise ValueError('cannot resume: the run was started with a different configuration: ' + '; '.join(diffs))
+    return state
+
+
+def config_differences(saved, current):
+    """Human-readable differences between two nested config dicts (for refused resumes)."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        absent = ABSENT_MEANS.get(key, '<absent>')
+        a, b = saved.get(key, absent), current.get(key, absent)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f'{key}.{d}' for d in config_differences(a, b)]
+        elif a != b:
+            diffs.append(f'{key}: {a!r} in the state, {b!r} now')
+    return diffs
+
+
+def find_latest_state(run_dir):
+    """Newest `training-state-*.pt` in a run directory, or None."""
+    states = [f for f in os.listdir(run_dir) if f.startswith('training-state-') and f.endswith('.pt')]
+    if not states:
         return None
-
-    @property
-    def class_name(self):
-        """Name of the class this object was an instance of, as far as the pickle tells."""
-        meta = self.persistent_meta
-        if meta is not None:
-            return str(meta.get('class_name'))
-        if self.pickled_global == 'copyreg._reconstructor' and self.pickled_args:
-            return getattr(self.pickled_args[0], 'pickled_global', '?')
-        return self.pickled_global
-
-    @property
-    def state(self):
-        """The object's attribute dict as pickled (for modules: _parameters, _buffers, _modules, ...)."""
-        meta = self.persistent_meta
-        return meta.get('state') if meta is not None else self.pickled_state
-
-    def __repr__(self):
-        return f'<inert {self.class_name} from a pickle>'
-
-
-class _FlatStorage:
-    """The elements of one tensor storage, as a 1-D CPU tensor."""
-
-    def __init__(self, data):
-        self.data = data
-
-
-def _load_storage_bytes(data):
-    """Replacement for `torch.storage._load_from_bytes`: parse torch's legacy format, on the CPU.
-
-    Layout (torch.serialization legacy save): pickles of the magic number, the protocol version and
-    sys_info, a pickle of the storage as a persistent id ('storage', type, key, location, numel,
-    view_metadata), a pickle of the list of keys, then per key an int64 element count and the raw bytes.
-    The `location` tag (e.g. 'cuda:0') is ignored: the bytes are read into CPU memory.
-    """
-    if not isinstance(data, (bytes, bytearray)):
-        raise pickle.UnpicklingError(f'tensor storage must be bytes, got {type(data).__name__}')
-    f = io.BytesIO(data)
-    records = {}
-
-    class StorageUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module in ('torch', 'torch.cuda') and name in _STORAGE_DTYPES:
-                return _STORAGE_DTYPES[name]
-            raise pickle.UnpicklingError(f'unexpected global {module}.{name} inside a tensor storage')
-
-        def persistent_load(self, pid):
-            if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == 'storage'):
-                raise pickle.UnpicklingError(f'unexpected persistent id {pid!r} inside a tensor storage')
-            dtype, key, numel = pid[1], str(pid[2]), int(pid[4])
-            if len(pid) == 6 and pid[5] is not None:
-                raise pickle.UnpicklingError('storage views (torch < 1.0 pickles) are not supported')
-            records.setdefault(key, (dtype, numel))
-            return key
-
-    load = lambda: StorageUnpickler(f).load()
-    magic, _protocol, sys_info = load(), load(), load()
-    if magic != 0x1950a86a20f9469cfc6c:
-        raise pickle.UnpicklingError('tensor storage bytes lack torch\'s magic number')
-    if isinstance(sys_info, dict) and not sys_info.get('little_endian', True):
-        raise pickle.UnpicklingError('big-endian tensor storages are not supported')
-    key = load()
-    keys = load()
-    storages = {}
-    for k in keys:
-        dtype, numel = records[str(k)]
-        count = int.from_bytes(f.read(8), 'little', signed=True)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        raw = f.read(count * itemsize)
-        if count != numel or len(raw) != count * itemsize:
-            raise pickle.UnpicklingError(f'truncated tensor storage: {numel} elements expected, '
-                                         f'{len(raw) // itemsize} found')
-        storages[str(k)] = torch.frombuffer(bytearray(raw), dtype=dtype) if count else torch.empty(0, dtype=dtype)
-    return _FlatStorage(storages[key])
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """Replacement for `torch._utils._rebuild_tensor_v2`: a CPU tensor viewing `storage`, copied out."""
-    if not isinstance(storage, _FlatStorage):
-        raise pickle.UnpicklingError(f'tensor built from a {type(storage).__name__} instead of a storage')
-    if metadata:
-        raise pickle.UnpicklingError(f'tensor metadata {metadata!r} is not supported')
-    size, stride = [int(s) for s in size], [int(s) for s in stride]
-    return torch.as_strided(storage.data, size, stride, int(storage_offset)).clone()
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    """Replacement for `torch._utils._rebuild_parameter(_with_state)`: the plain tensor."""
-    if not isinstance(data, torch.Tensor):
-        raise pickle.UnpicklingError(f'parameter built from a {type(data).__name__} instead of a tensor')
-    return data
-
-
-def _codecs_encode(text, encoding='utf-8'):
-    """`_codecs.encode` as protocol-2 pickles use it to store bytes (str -> bytes only)."""
-    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1', 'utf-8', 'utf8'):
-        raise pickle.UnpicklingError(f'unexpected _codecs.encode({type(text).__name__}, {encoding!r})')
-    return text.encode(encoding)
-
-
-def _numpy_scalar(dtype, data=None):
-    """`numpy.core.multiarray.scalar` for plain (non-object) dtypes."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
-        raise pickle.UnpicklingError(f'unsupported numpy scalar of dtype {dtype!r}')
-    return np.frombuffer(data, dtype=dtype)[0]
-
-
-_SAFE_GLOBALS = {
-    ('collections', 'OrderedDict'): OrderedDict,
-    ('builtins', 'set'): set,
-    ('builtins', 'frozenset'): frozenset,
-    ('builtins', 'bytearray'): bytearray,
-    ('_codecs', 'encode'): _codecs_encode,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
-    ('torch.storage', '_load_from_bytes'): _load_storage_bytes,
-    ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
-    ('dnnlib', 'EasyDict'): dnnlib.EasyDict,
-    ('numpy', 'dtype'): np.dtype,
-    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
-    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
-}
-_TENSOR_LOADERS = {key: _SAFE_GLOBALS[key] for key in [('torch._utils', '_rebuild_tensor_v2'),
-                                                         ('torch.storage', '_load_from_bytes')]}
-_PY2_MODULES = {'__builtin__': 'builtins', 'copy_reg': 'copyreg'}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that runs no code from the file: known data types are built, any other global is inert.
-
-    Tensors are rebuilt by our own parser of torch's storage format, always on the CPU.
-    """
-
-    def __init__(self, file):
-        super().__init__(file)
-        self._inert_classes = {}
-
-    def find_class(self, module, name):
-        module = _PY2_MODULES.get(module, module)
-        if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[(module, name)]
-        key = f'{module}.{name}'
-        if key not in self._inert_classes:
-            self._inert_classes[key] = type(name, (PickledObject,), dict(pickled_global=key))
-        return self._inert_classes[key]
-
-
-def restricted_load(file):
-    """Unpickle a binary file object with `RestrictedUnpickler` (no code from the file runs)."""
-    return RestrictedUnpickler(file).load()
+    nimg = lambda f: round(float(f[len('training-state-'):-len('.pt')]) * 1000)
+    return os.path.join(run_dir, max(states, key=nimg))
 
 
 # ----------------------------------------------------------------------------
@@ -330,7 +244,6 @@ def _corruption_info(kwargs, pattern_key):
 
 
 def _load_ours(path):
-    from training.training_loop import load_snapshot  # The snapshot format belongs to the training loop.
     net, snapshot = load_snapshot(path)
     kw = snapshot['network_kwargs']
     ambient = bool(kw.get('ambient', False))
@@ -415,7 +328,7 @@ def _load_original(tensors, pickled_dataset_kwargs, training_options, path):
     sd = _state_dict(tensors, path)
     kw = _original_network_kwargs(options, sd, dataset_kwargs, path)
     try:
-        net = dnnlib.util.construct_class_by_name(**kw)
+        net = build_network(kw, source='training_options.json')
     except TypeError as err:
         raise ValueError(f'training_options.json: network_kwargs do not fit our {kw["class_name"]}: {err}') from None
     strict_load(net, sd, path)
@@ -508,7 +421,7 @@ def _rebuild_module_pickle(ema, path):
     if ambient:
         kw.update(ambient=True, out_channels=kw['img_channels'])
     try:
-        net = dnnlib.util.construct_class_by_name(**kw)
+        net = build_network(kw, source=str(path))
     except (TypeError, ValueError) as err:
         raise _NotRebuildable(f'our {precond} does not accept its arguments: {err}') from None
     strict_load(net, sd, path)
@@ -516,57 +429,6 @@ def _rebuild_module_pickle(ema, path):
     info = _info(format='original' if ambient else 'edm', ambient=ambient, label_dim=kw.get('label_dim', 0),
                  resolution=kw.get('img_resolution'), channels=channels, network_kwargs=kw)
     return net, info
-
-
-def unsafe_load(file, path):
-    """Unpickle a binary file object running the source code its persistent objects embed (EDM/StyleGAN
-    `torch_utils.persistence`); trusted files only. Tensors still land on the CPU."""
-    warnings.warn(f'{path}: running the source code embedded in the pickle ({UNSAFE_FLAG})', stacklevel=3)
-    shim = types.ModuleType('torch_utils.persistence')
-    shim.persistent_class = lambda cls: cls  # the embedded source decorates its classes with it
-    shim.is_persistent = lambda obj: False
-    shim.import_hook = lambda hook: hook
-    modules = {}
-
-    def reconstruct(meta):
-        src = meta['module_src']
-        name = '_pickled_module_' + hashlib.sha1(src.encode()).hexdigest()[:16]
-        if name not in modules:
-            module = types.ModuleType(name)
-            sys.modules[name] = module
-            exec(compile(src, f'<source embedded in {os.path.basename(str(path))}>', 'exec'), module.__dict__)
-            modules[name] = module
-        cls = modules[name].__dict__[meta['class_name']]
-        obj = cls.__new__(cls)
-        state = dnnlib.EasyDict(meta['state']) if isinstance(meta['state'], dict) else meta['state']
-        if callable(getattr(obj, '__setstate__', None)):
-            obj.__setstate__(state)
-        else:
-            obj.__dict__.update(state)
-        return obj
-
-    class UnsafeUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if f'{module}.{name}' == PERSISTENT_RECONSTRUCT:
-                return reconstruct
-            if (module, name) in _TENSOR_LOADERS:  # ours: CUDA-saved tensors land on the CPU
-                return _TENSOR_LOADERS[(module, name)]
-            return super().find_class(module, name)
-
-    import torch_utils
-    saved = sys.modules.get(shim.__name__), getattr(torch_utils, 'persistence', None)
-    sys.modules[shim.__name__], torch_utils.persistence = shim, shim
-    try:
-        return UnsafeUnpickler(file).load()
-    finally:
-        if saved[0] is None:
-            del sys.modules[shim.__name__]
-        else:
-            sys.modules[shim.__name__] = saved[0]
-        if saved[1] is None:
-            del torch_utils.persistence
-        else:
-            torch_utils.persistence = saved[1]
 
 
 def _load_unsafe(local, path):
