@@ -31,7 +31,7 @@ from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
 from training import metrics, samplers, snapshots
 from training.dataset import ImageFolderDataset
-from training.cli import (check_subset_seed, claim_output_dir, command_body, detector_options, file_digest, image_path,
+from training.cli import (SIGMA_RANGE, check_output_dir, check_output_file, check_subset_seed, claim_output_dir, command_body, detector_options, file_digest, image_path,
                           network_options, sampler_options, sampling_corruption, sampling_mask_options, score_options)
 from training.snapshots import kimg_tag
 
@@ -152,6 +152,8 @@ def cli():
 @command_body()
 def fid(opts):
     """FID and Inception Score of a folder of images against reference statistics."""
+    if opts.outdir is not None:
+        check_output_dir(opts.outdir)
     score_images(opts.images, opts)
 
 
@@ -165,6 +167,7 @@ def fid(opts):
 def ref(opts):
     """Reference statistics (EDM's .npz format) of a dataset's clean images."""
     check_subset_seed(opts)
+    check_output_file(opts.dest, '--dest')
     detector = load_detector(opts)
     dist.print0(f'Computing reference statistics of {opts.data} ...')
     stats = metrics.calculate_inception_stats(opts.data, detector, max_size=opts.max_size, seed=opts.seed,
@@ -198,6 +201,7 @@ def generate(opts):
     """Generate images from every requested snapshot (skipping images already on disk) and optionally score them."""
     if opts.watch and not os.path.isdir(opts.network):
         raise click.BadParameter('--watch polls a run directory; --network is not one', param_hint='--watch')
+    check_output_dir(opts.outdir)
     done, detector_cache = set(), {}
     while True:
         paths = snapshots.resolve_networks(opts.network, latest=opts.latest)
@@ -218,8 +222,9 @@ def _parse_sigmas(ctx, param, value):
         sigmas = sorted({float(item) for item in value.split(',') if item.strip()})
     except ValueError:
         raise click.BadParameter(f'{value!r}: expected comma-separated numbers, e.g. {DEFAULT_SIGMAS}') from None
-    if not sigmas or sigmas[0] <= 0:
-        raise click.BadParameter(f'{value!r}: noise levels must be positive')
+    low, high = SIGMA_RANGE
+    if not sigmas or not all(low <= s <= high for s in sigmas):  # also refuses nan and inf
+        raise click.BadParameter(f'{value!r}: noise levels must lie in [{low:g}, {high:g}]')
     return sigmas
 
 
@@ -278,6 +283,7 @@ def denoise(opts):
     For an ambient network, D = c_out(σ)·F on hidden pixels, so it must output x0/c_out there. Where the
     hidden error rises as σ falls, the network no longer predicts them: sample with --sigma_min above it.
     """
+    check_output_dir(opts.outdir)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     dataset = ImageFolderDataset(opts.data, mode='clean')
     if max(opts.seeds) >= len(dataset) or min(opts.seeds) < 0:

@@ -42,7 +42,7 @@ import tqdm
 
 import dnnlib
 from dnnlib.util import atomic_write
-from training.cli import check_subset_seed, command_body
+from training.cli import check_output_dir, check_subset_seed, command_body
 from torch_utils import distributed as dist
 from torch_utils.images import make_grid, save_png, to_uint8
 from training.dataset import ImageFolderDataset
@@ -464,6 +464,7 @@ def find_neighbors(opts):
 def main(opts):
     """Nearest training images of generated images in DINOv2 feature space (memorization check)."""
     check_subset_seed(opts)
+    check_output_dir(opts.output_dir, '--output_dir')
     if dist.get_rank() != 0:
         import transformers
         transformers.utils.logging.disable_progress_bar()

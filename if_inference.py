@@ -23,7 +23,7 @@ import torch
 import tqdm
 from diffusers import DDPMScheduler
 import dnnlib
-from training.cli import image_path, one_line_errors
+from training.cli import check_output_dir, image_path, one_line_errors
 from pipeline_if import CORRUPTION_PATTERNS, AmbientIFPipeline
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from training import ambient_if
@@ -85,9 +85,9 @@ def check_options(c):
 def generate(c):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     dtype = torch.float16 if device.type == 'cuda' else torch.float32
+    pipe, upscaler = load_pipelines(c, device, dtype)  # bad models and checkpoints fail before anything is written
     os.makedirs(c.output_dir, exist_ok=True)
     embeds, negative = prompt_embeddings(c, device)
-    pipe, upscaler = load_pipelines(c, device, dtype)
     ambient_if.check_embeds(embeds, pipe.unet, c.empty_embeds if not c.prompt else '--prompt')
     check_options(c)
 
@@ -157,6 +157,7 @@ def main(**kwargs):
         raise click.ClickException(f'--batch_resume_index={c.batch_resume_index} starts past the last of '
                                    f'{c.num_images} images (batches of {c.batch_size})')
     with one_line_errors():
+        check_output_dir(c.output_dir, '--output_dir')
         generate(c)
 
 

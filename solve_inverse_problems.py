@@ -211,6 +211,7 @@ def _print_summary(summary, outdir):
 
 def solve(opts):
     """Run every requested snapshot; returns {snapshot path: summary}."""
+    cli.check_output_dir(opts.outdir)
     operator = build_operator(opts)
     dataset = ImageFolderDataset(opts.measurements_path, mode='clean')
     paths = snapshots.resolve_networks(opts.network, latest=opts.latest)
@@ -252,7 +253,7 @@ def solve(opts):
 @click.option('--kernel_std',         help='Gaussian blur: std in pixels', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True)
 @click.option('--intensity',          help='Motion blur: intensity', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option('--num_measurements',   help='Compressed sensing: measurements m', metavar='INT', type=click.IntRange(min=2), default=32, show_default=True)
-@click.option('--dps_scale',          help='DPS weight ζ', metavar='FLOAT', type=click.FloatRange(min=0), default=5.0, show_default=True)
+@click.option('--dps_scale',          help='DPS weight ζ', metavar='FLOAT', type=click.FloatRange(0, 100), default=5.0, show_default=True)
 @click.option('--norm',               help='DPS residual norm (batch = the original\'s, couples samples)', type=click.Choice(list(samplers.DPS_NORMS)), default='per_sample', show_default=True)
 @cli.sampling_mask_options
 @cli.sampler_options

@@ -10,6 +10,7 @@ in place, exactly where its last state dump left it.
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -22,7 +23,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils.misc import parse_int_list
 from training import snapshots, training_loop
-from training.cli import one_line_errors
+from training.cli import check_output_dir, one_line_errors
 
 ARCHS = ('ddpmpp', 'ncsnpp', 'adm')
 PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've')
@@ -202,6 +203,7 @@ def _resolve_resume(resume):
 @click.option('--seed',         help='Random seed  [default: random]', metavar='INT',            type=click.IntRange(min=0))
 @click.option('--transfer',     help='Initialise weights from a network snapshot', metavar='PT', type=str)
 @click.option('--resume',       help='Continue a run: its directory or a training-state file (an older state branches into a new run directory)', metavar='DIR|PT', type=str)
+@click.option('--check_data',   help='Check every image at start-up: headers (fast), full (decode), none', type=click.Choice(['headers', 'full', 'none']), default='headers', show_default=True)
 @click.option('--allow_data_change', help='Let --resume continue on other data than the run trained on', is_flag=True)
 @click.option('--wandb',        help='Weights & Biases logging',                                 type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True)
 @click.option('--tensorboard',  help='Write tensorboard event files', metavar='BOOL',            type=bool, default=False, show_default=True)
@@ -234,12 +236,15 @@ def train(opts):
     if opts.seed is None:
         opts.seed = int(dist.broadcast(torch.tensor(secrets.randbelow(1 << 31), dtype=torch.int64)).item())
 
+    check_output_dir(opts.outdir)
     c = build_config(opts, world_size)
     c.resume_state = resume_state
-    dataset_name = _check_dataset(c, opts)
+    dataset_obj = _check_dataset(c, opts)
+    if opts.transfer is not None:
+        training_loop.check_transfer(opts.transfer, c.network_kwargs, dataset_obj)  # before any directory is made
     if state is not None:
         _check_resume(state, resume_state, c, opts)
-    c.run_dir, in_place = _choose_run_dir(opts, dataset_name, world_size, resume_state)
+    c.run_dir, in_place = _choose_run_dir(opts, dataset_obj.name, world_size, resume_state)
     _print_summary(c, opts, world_size, resume_state, in_place)
     if opts.dry_run:
         dist.print0('Dry run; exiting.')
@@ -262,12 +267,30 @@ def train(opts):
 
 
 def _check_dataset(c, opts):
-    """Open the dataset now, for a clear message rather than one deep inside the loop; returns its name."""
+    """Open the dataset and check its images now (rank 0), for a clear message rather than one deep inside the
+    loop; check that the network fits its resolution. Returns the dataset."""
     dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
     c.dataset_kwargs.resolution = dataset_obj.resolution
     if opts.cond and not dataset_obj.has_labels:
         raise click.ClickException('--cond=True requires labels specified in dataset.json')
-    return dataset_obj.name
+    if opts.check_data != 'none' and dist.get_rank() == 0:
+        dataset_obj.check_images(full=opts.check_data == 'full', progress=True)
+    check_architecture(c.network_kwargs, dataset_obj.resolution)
+    return dataset_obj
+
+
+def check_architecture(network_kwargs, resolution):
+    """The levels of `channel_mult` must fit the resolution (each halves it, down to 1x1), and the attention
+    resolutions must be levels of the network."""
+    levels = len(network_kwargs.channel_mult)
+    if resolution % (1 << (levels - 1)) != 0:
+        raise ConfigError(f'--cres has {levels} levels, which halve {resolution}x{resolution} images {levels - 1} times; '
+                          f'use at most {int(math.log2(resolution & -resolution)) + 1} levels for this resolution')
+    level_resolutions = [resolution >> level for level in range(levels)]
+    wrong = [r for r in network_kwargs.get('attn_resolutions', []) if r not in level_resolutions]
+    if wrong:
+        raise ConfigError(f'--attn={",".join(map(str, network_kwargs.attn_resolutions))}: {wrong[0]} is not a resolution '
+                          f'of the network (its levels are {",".join(map(str, level_resolutions))})')
 
 
 def _check_resume(state, path, c, opts):
@@ -304,10 +327,12 @@ def _choose_run_dir(opts, dataset_name, world_size, resume_state):
 def _prepare_run_dir(c, in_place, data_changed):
     """Under the run directory's lock: refuse to start a new run over another one, remove the temporary files
     of killed writes, and record the options (a new run, or a resume on changed data)."""
-    if not in_place and any(snapshots.SNAPSHOT_RE.match(f) or f.startswith('training-state-')
-                            for f in os.listdir(c.run_dir)):
-        raise ConfigError(f'{c.run_dir} already holds a training run (snapshots or training states); continue it '
-                          f'with --resume={c.run_dir} or choose another --outdir')
+    if not in_place and any(snapshots.SNAPSHOT_RE.match(f) for f in os.listdir(c.run_dir)):
+        if snapshots.find_latest_state(c.run_dir) is None:
+            raise ConfigError(f'{c.run_dir} already holds snapshots of a run stopped before its first state dump; '
+                              'choose another --outdir, or delete that run')
+        raise ConfigError(f'{c.run_dir} already holds a training run; continue it with --resume={c.run_dir} or '
+                          'choose another --outdir')
     removed = dnnlib.util.remove_stale_temporaries(c.run_dir)
     if removed:
         print(f'Removed {len(removed)} temporary file(s) left by an interrupted write: {", ".join(removed)}')

@@ -33,7 +33,7 @@ from torch_utils.ambient_diffusion import MASK_PATTERNS, MaskCorruption
 from torch_utils.images import save_image_grid
 from torch_utils.misc import seeded_generator
 from training import ambient_if
-from training.cli import one_line_errors
+from training.cli import check_output_dir, one_line_errors
 from training.dataset import DatasetError, HFImageDataset, ImageFolderDataset
 from training.snapshots import atomic_torch_save
 
@@ -516,6 +516,7 @@ def main(**kwargs):
         print(json.dumps(c, indent=2))
         return
     with one_line_errors():
+        check_output_dir(c.output_dir, '--output_dir')
         train(c)
 
 

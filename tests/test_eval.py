@@ -176,7 +176,7 @@ def test_denoise_error_per_sigma(run_dir, tmp_path):
     assert result.exit_code != 0 and 'holds 8 images' in result.output
     result = invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', data, '--outdir', out, '--sigmas=0,1'],
                     expect_ok=False)
-    assert result.exit_code != 0 and 'positive' in result.output
+    assert result.exit_code != 0 and 'must lie in' in result.output
     small = write_edm_dataset(tmp_path / 'small.zip', random_images(4, channels=3, resolution=8, seed=1))
     result = invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', small, '--outdir', out, '--seeds=0-3'],
                     expect_ok=False)

@@ -193,6 +193,7 @@ def test_cache_is_reused_and_recomputed_when_stale(models, tmp_path, monkeypatch
     assert calls.count('Dataset features') == 8 and len(read_rows(result_dir)) == 5
 
 
+@pytest.mark.slow  # a dozen command runs: 3 s
 def test_errors_are_one_line(models, tmp_path):
     data, images = make_data(tmp_path)
     args = base_args(tmp_path, data, images, models[0])

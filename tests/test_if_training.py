@@ -60,6 +60,7 @@ def trained(tmp_path_factory, tiny_if, data16):
     return out
 
 
+@pytest.mark.slow  # the module's 4-step IF training run: 8 s on 2 cores
 def test_training_outputs(trained):
     files = set(os.listdir(trained))
     assert {'checkpoint-4', 'state_dict_2.pt', 'state_dict_4.pt', 'stats.jsonl', 'training_options.json',
@@ -122,6 +123,7 @@ def test_hf_imagefolder_with_captions_and_other_options(tmp_path, tiny_if):
     assert any(d.startswith('offline-run') for d in os.listdir(tmp_path / 'wandb'))
 
 
+@pytest.mark.slow  # needs the IF training run
 def test_inference_is_batch_independent_resumable_and_upscales(tmp_path, trained, tiny_if):
     upscaler = save_tiny_if_upscaler(tmp_path / 'IF-II-tiny', resolution=32)
     ckpt = os.path.join(trained, 'state_dict_4.pt')
@@ -173,8 +175,10 @@ def test_command_line_errors(tmp_path, tiny_if, data16, monkeypatch):
     assert 'checkpoint-<step>' in error(train_text_to_image, '--train_data_dir', data16, '--output_dir', out,
         '--pretrained_model_name_or_path', tiny_if, '--resolution', 16, '--resume_from_checkpoint', tmp_path,
         '--report_to', 'none')
-    assert '--empty_embeds' in error(if_inference, '--output_dir', tmp_path / 'gen', '--pretrained_model_name_or_path',
-        tmp_path / 'missing-model')
+    # The model loads first: a missing one is named before anything (the empty-prompt embedding) is written.
+    assert '--pretrained_model_name_or_path' in error(if_inference, '--output_dir', tmp_path / 'gen',
+        '--pretrained_model_name_or_path', tmp_path / 'missing-model')
+    assert not (tmp_path / 'gen').exists()
     assert 'checkpoint not found' in error(if_inference, '--output_dir', out, '--pretrained_model_name_or_path', tiny_if,
         '--checkpoint_path', tmp_path / 'nope.pt')
 

@@ -372,6 +372,7 @@ def test_forward_shapes(arch, resolution):
 
 
 
+@pytest.mark.slow  # torch.compile: 1.5 s per architecture
 @pytest.mark.parametrize('arch', list(ARCHS))
 def test_networks_compile_as_one_graph(arch):
     """train.py --compile: no graph breaks (each would split the network and add recompilations)."""

@@ -5,6 +5,7 @@ creates a process group, and every collective below is then a no-op or the ident
 (WORLD_SIZE > 1) the backend is NCCL when CUDA is available and gloo otherwise.
 """
 
+import atexit
 import contextlib
 import os
 from typing import Any, List, Optional
@@ -53,8 +54,15 @@ def init(backend: Optional[str] = None) -> None:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, init_method='env://', rank=rank, world_size=world_size)
+            # Tear the group down before the interpreter does: gloo's threads destroyed mid-exit abort the process.
+            atexit.register(_destroy)
     _state.update(initialized=True, rank=rank, world_size=world_size, local_rank=local_rank,
                   backend=backend if world_size > 1 else None)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def sync_device() -> Optional[torch.device]:

@@ -21,6 +21,7 @@ import torch
 
 import dnnlib
 from torch_utils.misc import randint, randn, unwrapped_name
+from training.snapshots import read_torch_file
 
 IF_STAGE_I = 'DeepFloyd/IF-I-XL-v1.0'
 IF_STAGE_II = 'DeepFloyd/IF-II-L-v1.0'
@@ -201,9 +202,9 @@ def load_unet_state_dict(unet, path):
         raise ModelLoadError(f'checkpoint not found: {path} (pass a state_dict_*.pt written by train_text_to_image.py '
                              f'with --checkpoint_path)')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        raise ModelLoadError(f'{path} is not a readable state dict ({type(err).__name__}: {err})') from None
+        state = read_torch_file(path, 'state dict of a UNet (a state_dict_*.pt of train_text_to_image.py; --checkpoint_path)')
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f'{path} is not a UNet state dict (a mapping of names to tensors)')
     state = strip_wrapper_prefixes(state)

@@ -46,11 +46,24 @@ score_options = _options(
 )
 
 
+# Noise levels a sampler or denoiser accepts: below 1e-5 float32 images no longer change, above 1e4 the
+# network sees nothing but noise; either end gives black or saturated images rather than an error.
+SIGMA_RANGE = (1e-5, 1e4)
+
+
+def sigma_range_check(ctx, param, value):
+    """Click callback: a noise level within SIGMA_RANGE."""
+    if value is not None and not SIGMA_RANGE[0] <= value <= SIGMA_RANGE[1]:
+        raise click.BadParameter(f'{value:g} is outside [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}], the noise levels '
+                                 'the networks are trained on (EDM: 0.002 to 80)')
+    return value
+
+
 # The sampler's options, shared by eval.py generate and solve_inverse_problems.py.
 sampler_options = _options(
     click.option('--steps',            help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True),
-    click.option('--sigma_min',        help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True),
-    click.option('--sigma_max',        help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80, show_default=True),
+    click.option('--sigma_min',        help='Lowest noise level', metavar='FLOAT', type=float, default=0.002, show_default=True, callback=sigma_range_check),
+    click.option('--sigma_max',        help='Highest noise level', metavar='FLOAT', type=float, default=80, show_default=True, callback=sigma_range_check),
     click.option('--rho',              help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True),
     click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
     click.option('--S_min', 'S_min',   help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
@@ -111,6 +124,25 @@ def command_body(distributed=True):
     return decorate
 
 
+def check_output_dir(path, option='--outdir'):
+    """`path` can be a directory the command writes into: an existing writable directory, or a new one under a
+    writable directory. Checked before any work, so that a bad path fails at once and nothing is written."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f'{option}={path}: {existing} is a file, not a directory; pass a directory')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f'{option}={path}: {existing} is not writable; pass a directory you can write to')
+
+
+def check_output_file(path, option='--dest'):
+    """`path` can be written as a file: not a directory, in a directory `check_output_dir` accepts."""
+    if os.path.isdir(path):
+        raise ValueError(f'{option}={path} is a directory; pass a file name')
+    check_output_dir(os.path.dirname(os.path.abspath(path)), option)
+
+
 def check_subset_seed(opts):
     """`--seed` only picks the `--max_size` subset: giving it alone is a mistake worth a one-line error."""
     if opts.seed != 0 and opts.max_size is None:
@@ -130,6 +162,17 @@ def file_digest(path):
     return digest.hexdigest()
 
 
+def _flatten(record, prefix=''):
+    """{'a': {'b': 1}} -> {'a.b': 1}, so that a difference names the setting itself."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def claim_output_dir(outdir, record):
     """Make `outdir` the output of `record` (a JSON-able dict of what decides its files: the network's digest,
     the sampler and operator settings). The first run writes `{outdir}/provenance.json`; a rerun with the same
@@ -141,8 +184,9 @@ def claim_output_dir(outdir, record):
         if os.path.isfile(path):
             with open(path, encoding='utf-8') as f:
                 saved = json.load(f)
-            diffs = [f'{key}: {saved.get(key)!r} there, {record.get(key)!r} now' for key in sorted(set(saved) | set(record))
-                     if saved.get(key) != record.get(key)]
+            saved, now = _flatten(saved), _flatten(record)
+            diffs = [f'{key}: {saved.get(key)!r} there, {now.get(key)!r} now' for key in sorted(set(saved) | set(now))
+                     if saved.get(key) != now.get(key)]
             if diffs:
                 raise ValueError(f'{outdir} holds outputs made with other settings ({"; ".join(diffs)}); choose another '
                                  f'--outdir, or delete {outdir} to redo them')

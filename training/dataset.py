@@ -332,6 +332,31 @@ class ImageFolderDataset(Dataset):
     def _load_raw_image(self, raw_idx):
         return self._read_image(self._image_fnames[raw_idx])
 
+    def check_images(self, full=False, progress=False):
+        """Check every image of the dataset now rather than when training reaches it: its header (format, size,
+        8-bit L or RGB) or, with `full`, the whole decoded image. Raises a DatasetError naming the first bad file
+        and how many are bad."""
+        import tqdm
+        C, H, W = self._raw_shape[1:]
+        bad = []
+        for fname in tqdm.tqdm(self._image_fnames, desc='Checking images', unit='img', disable=not progress):
+            try:
+                if full:
+                    shape = self._read_image(fname).shape
+                else:
+                    with self._open_file(fname) as f, PIL.Image.open(f) as img:
+                        if img.mode not in ('L', 'RGB'):
+                            raise DatasetError(f'image {fname} in {self._path} has mode {img.mode}, expected 8-bit L or RGB')
+                        shape = (len(img.getbands()), img.height, img.width)
+            except (DatasetError, OSError, PIL.UnidentifiedImageError, zipfile.BadZipFile) as err:
+                bad.append(f'{fname}: {err}')
+                continue
+            if tuple(shape) != (C, H, W):
+                bad.append(f'{fname} is {shape[2]}x{shape[1]} with {shape[0]} channel(s), not {W}x{H} with {C} like the first')
+        if bad:
+            raise DatasetError(f'{self._path}: {len(bad)} of {len(self._image_fnames)} images are unusable, the first: '
+                               f'{bad[0]}; rebuild the dataset with dataset_tool.py')
+
     def _image_name(self, raw_idx):
         return f'{self._image_fnames[raw_idx]} in {self._path}'
 
@@ -346,12 +371,46 @@ class ImageFolderDataset(Dataset):
                 raise DatasetError(f"{fname} in {self._path} is not valid JSON with a 'labels' entry: {e}") from None
         if labels is None:
             return None
-        labels = dict(labels)
+        try:
+            labels = dict(labels)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{fname} in {self._path}: 'labels' must be a list of [file name, label] pairs") from None
         missing = [f for f in self._image_fnames if f not in labels]
         if missing:
             raise DatasetError(f"{fname} in {self._path} has no label for {missing[0]} ({len(missing)} images unlabelled)")
-        labels = np.array([labels[f] for f in self._image_fnames])
-        return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])
+        return parse_labels([labels[f] for f in self._image_fnames], self._image_fnames, f'{fname} in {self._path}')
+
+
+def parse_labels(values, names, where):
+    """Labels as stored in dataset.json -> int64 [N] class indices or float32 [N, L] vectors.
+
+    Refused with a DatasetError naming the image: strings, fractional class indices (3.7 is not class 3),
+    vectors of different lengths, and class indices so sparse that most classes have no image (one label of
+    100000 would make a 100001-class model)."""
+    for value, name in zip(values, names):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in items):
+            raise DatasetError(f"{where}: the label of {name} is {value!r}, not a number or a list of numbers; labels "
+                               "are class indices 0..K-1 (dataset_tool.py writes them from folder names) or float vectors")
+    vectors = [isinstance(v, (list, tuple)) for v in values]
+    if any(vectors):
+        lengths = {len(v) if isinstance(v, (list, tuple)) else 1 for v in values}
+        if not all(vectors) or len(lengths) != 1:
+            raise DatasetError(f"{where}: label vectors have different lengths ({sorted(lengths)}); every image needs a "
+                               "vector of the same length")
+        return np.asarray(values, dtype=np.float32)
+    fractional = [(name, v) for v, name in zip(values, names) if float(v) != int(v)]
+    if fractional:
+        raise DatasetError(f"{where}: the label of {fractional[0][0]} is {fractional[0][1]!r}, not a class index; "
+                           "class labels are integers 0..K-1")
+    labels = np.asarray([int(v) for v in values], dtype=np.int64)
+    if labels.size and labels.min() < 0:
+        raise DatasetError(f"{where}: class labels must be >= 0, got {labels.min()}")
+    used, num_classes = np.unique(labels).size, int(labels.max()) + 1 if labels.size else 0
+    if num_classes > 2 * used and num_classes - used > 10:
+        raise DatasetError(f"{where}: class labels go up to {num_classes - 1} but only {used} classes have images; "
+                           "renumber the classes 0..K-1")
+    return labels
 
 
 class HFImageDataset(Dataset):

@@ -401,7 +401,16 @@ def generate_batch(net, seeds, corruption=None, class_labels=None, device=None, 
             sampler_kwargs['resample_masks'] = lambda i: sample_masks(corruption, shape, num_masks - 1,
                                                                       rnd.generators)
         images = ambient_sampler(net, latents, masks, labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    return _finite_images(images, seeds)
+
+def _finite_images(images, seeds):
+    """The sampler's output as float32 images in [−1, 1]; a non-finite sample is an error, not a black image."""
+    bad = [s for s, ok in zip(list(seeds), torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]
+    if bad:
+        raise ValueError(f'the sampler diverged (non-finite values) for seed(s) {bad[:5]}; lower the guidance '
+                         '(--guidance_scale, --dps_scale) or raise --steps')
     return images.clamp(-1, 1).to(torch.float32)
+
 
 def denoising_error(net, images, seeds, sigmas, corruption=None, class_labels=None):
     """Mean squared error of D(x0 + σn; σ) against x0 at each σ, split into the pixels the network sees and, for
@@ -560,4 +569,4 @@ def solve_batch(net, operator, y, params, seeds, zeta, corruption=None, norm='pe
         guidance.append(term)
     images = ambient_sampler(net, latents, masks, labels, randn_like=rnd.randn_like, extra_guidance=guidance,
                              **sampler_kwargs)
-    return images.clamp(-1, 1).to(torch.float32)
+    return _finite_images(images, seeds)

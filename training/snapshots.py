@@ -219,7 +219,11 @@ def load_network(path, device='cpu', training_options=None, allow_unsafe_pickle=
         net, info = _load_ours(local)
     elif head[:1] == b'\x80':  # a pickle (protocol >= 2)
         with open(local, 'rb') as f:
-            data = restricted_load(f)
+            try:
+                data = restricted_load(f)
+            except Exception as err:  # damaged bytes raise anything from UnpicklingError to OverflowError
+                raise ValueError(f'{path} is a damaged or truncated pickle ({type(err).__name__}: '
+                                 f'{(str(err).splitlines() or [""])[0][:160]})') from None
         net, info = _load_pickle(data, path, local, training_options, allow_unsafe_pickle)
     else:
         raise ValueError(f'{path} is neither a torch.save snapshot nor a pickle')

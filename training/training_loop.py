@@ -175,12 +175,13 @@ def training_loop(
         tick_end_time = time.time()
         dist.print0(_status_line(run, tick, tick_end_time - start_time, tick_end_time, device))
 
-        # Snapshots, state dumps and statistics.
+        # Snapshots, statistics and state dumps: the state last, so that whatever a kill interrupts is redone
+        # by the resume from it (which drops later stats rows and rewrites later snapshots identically).
         if snapshot_ticks is not None and (done or run.cur_tick % snapshot_ticks == 0) and rank == 0:
             snapshots.save_snapshot(run_dir, ema, run.cur_nimg, config)
+        outputs.update(run.cur_nimg)
         if (state_dump_ticks is not None and run.cur_tick != 0 and run.cur_tick % state_dump_ticks == 0) or done:
             _save_state(run_dir, run, net, ema, optimizer, sampler, config)
-        outputs.update(run.cur_nimg)
 
         # Next tick.
         run.cur_tick += 1
@@ -239,13 +240,31 @@ def _construct(config, batch_gpu, device):
     return dataset_obj, net, loss_fn, augment_pipe, optimizer
 
 
+def network_kwargs_for(network_kwargs, dataset_obj):
+    """The network kwargs completed with the dataset's resolution, labels and channels (doubled for an ambient
+    network's [image, mask] input)."""
+    channels = dataset_obj.num_channels * (2 if network_kwargs.get('ambient', False) else 1)
+    return dict(network_kwargs, img_resolution=dataset_obj.resolution, label_dim=dataset_obj.label_dim,
+                img_channels=channels)
+
+
+def check_transfer(path, network_kwargs, dataset_obj):
+    """A --transfer file must hold weights for every tensor of the run's network, in its shapes; checked on the
+    meta device (nothing allocated), before the run writes anything."""
+    src = {misc.unwrapped_name(k): v.shape for k, v in read_transfer_weights(path).items()}
+    with torch.device('meta'):
+        net = snapshots.build_network(network_kwargs_for(network_kwargs, dataset_obj))
+    wrong = [name for name, tensor in misc.named_params_and_buffers(net) if src.get(name) != tensor.shape]
+    if wrong:
+        raise ValueError(f'--transfer={path} does not fit the network of this run: {len(wrong)} tensor(s) missing or '
+                         f'of another shape, e.g. {wrong[0]}; transfer from a snapshot of the same architecture')
+
+
 def _build_network(network_kwargs, dataset_obj, batch_gpu, device):
     """The network for the dataset's resolution, labels and channels (doubled for [image, mask] input);
     rank 0 prints its summary. Returns (network, the complete network kwargs)."""
-    ambient = bool(network_kwargs.get('ambient', False))
-    channels = dataset_obj.num_channels * (2 if ambient else 1)
-    network_kwargs = dict(network_kwargs, img_resolution=dataset_obj.resolution, label_dim=dataset_obj.label_dim,
-                          img_channels=channels)
+    network_kwargs = network_kwargs_for(network_kwargs, dataset_obj)
+    channels = network_kwargs['img_channels']
     net = snapshots.build_network(network_kwargs).train().requires_grad_(True).to(device)
     if dist.get_rank() == 0:
         R = dataset_obj.resolution
@@ -256,15 +275,25 @@ def _build_network(network_kwargs, dataset_obj, batch_gpu, device):
     return net, network_kwargs
 
 
+def read_transfer_weights(path):
+    """The state dict of a snapshot (ours: its EMA) or a plain state dict file, for --transfer."""
+    src = snapshots.read_torch_file(path, 'network snapshot (.pt) or state dict to transfer weights from')
+    src = src['ema'] if isinstance(src, dict) and 'ema' in src else src
+    if not isinstance(src, dict) or not src or not all(isinstance(v, torch.Tensor) for v in src.values()):
+        raise ValueError(f'{path} holds no state dict of tensors (nor a snapshot with one under "ema")')
+    return src
+
+
 def _transfer_weights(path, net, ema):
     """Initialise the network and its EMA from a snapshot (ours) or a plain state dict."""
     dist.print0(f'Initialising weights from "{path}"...')
-    src = snapshots.read_torch_file(path, 'network snapshot (.pt) or state dict to transfer weights from')
-    src = src['ema'] if isinstance(src, dict) and 'ema' in src else src
-    if not isinstance(src, dict) or not all(isinstance(v, torch.Tensor) for v in src.values()):
-        raise ValueError(f'{path} holds no state dict of tensors (nor a snapshot with one under "ema")')
-    misc.copy_params_and_buffers(src, net, require_all=True)
-    misc.copy_params_and_buffers(src, ema, require_all=True)
+    src = read_transfer_weights(path)
+    try:
+        misc.copy_params_and_buffers(src, net, require_all=True)
+        misc.copy_params_and_buffers(src, ema, require_all=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f'--transfer={path} does not fit the network of this run ({err}); transfer from a snapshot of '
+                         'the same architecture') from None
 
 
 def _resume(path, config, net, ema, optimizer, run):
