@@ -19,7 +19,7 @@ import time
 import types
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 # ----------------------------------------------------------------------------
 # Configs.
@@ -157,26 +157,16 @@ def make_cache_dir_path(*paths: str) -> str:
 # Formatting.
 
 
-def _time_units(seconds: float) -> list:
-    """The nonzero-leading units of a duration, most significant first: ['2h', '03m', '07s']."""
-    s = int(round(seconds))
-    if s < 60:
-        return [f'{s}s']
-    if s < 60 * 60:
-        return [f'{s // 60}m', f'{s % 60:02d}s']
-    if s < 24 * 60 * 60:
-        return [f'{s // 3600}h', f'{(s // 60) % 60:02d}m', f'{s % 60:02d}s']
-    return [f'{s // 86400}d', f'{(s // 3600) % 24:02d}h', f'{(s // 60) % 60:02d}m']
-
-
 def format_time(seconds: float) -> str:
     """Human-readable duration: '42s', '3m 07s', '2h 03m 07s', '1d 02h 03m'."""
-    return ' '.join(_time_units(seconds))
-
-
-def format_time_brief(seconds: float) -> str:
-    """Two most significant units only: '42s', '3m 07s', '2h 03m', '1d 02h'."""
-    return ' '.join(_time_units(seconds)[:2])
+    s = int(round(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 60 * 60:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 24 * 60 * 60:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
 
 
 # ----------------------------------------------------------------------------
@@ -248,20 +238,6 @@ def construct_class_by_name(*args, class_name: Optional[str] = None, **kwargs) -
     if class_name is None:
         raise ValueError('construct_class_by_name() needs class_name="package.module.Class"')
     return call_func_by_name(*args, func_name=class_name, **kwargs)
-
-
-def get_top_level_function_name(obj: Callable) -> str:
-    """Dotted name under which `obj` can be found again with `get_obj_by_name` ('__main__' → script name)."""
-    qualname = getattr(obj, '__qualname__', None)
-    if qualname is None or '.' in qualname:
-        raise ValueError(f'{obj!r} is not a top-level function or class of its module (qualname {qualname!r})')
-    module = obj.__module__
-    if module == '__main__':
-        main_file = getattr(sys.modules['__main__'], '__file__', None)
-        if main_file is None:
-            raise ValueError(f'{obj!r} lives in an interactive __main__ and has no importable name')
-        module = os.path.splitext(os.path.basename(main_file))[0]
-    return f'{module}.{qualname}'
 
 
 # ----------------------------------------------------------------------------

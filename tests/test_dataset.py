@@ -22,7 +22,7 @@ def test_reads_folder_with_labels(image_folder):
     path, images, labels = image_folder
     ds = ImageFolderDataset(path, use_labels=True, mode='clean', normalize=False)
     assert len(ds) == 12 and ds.image_shape == [3, 16, 16] and ds.resolution == 16 and ds.num_channels == 3
-    assert ds.has_labels and ds.has_onehot_labels and ds.label_dim == 3 and ds.name == 'data'
+    assert ds.has_labels and ds.label_dim == 3 and ds.name == 'data'
     for i in (0, 5, 11):
         x0, label, mask, hat = ds[i]
         assert x0.dtype == torch.uint8

@@ -1,5 +1,5 @@
-"""PyTorch plumbing: cached constants, a resumable infinite data sampler, per-sample random generators,
-parameter copying and checks, module summaries (after EDM's `torch_utils/misc.py`)."""
+"""PyTorch plumbing: seeds, a resumable infinite data sampler, per-sample random generators, parameter copying
+and checks, module summaries (after EDM's `torch_utils/misc.py`)."""
 
 import contextlib
 import os
@@ -12,40 +12,7 @@ import torch
 from . import distributed
 
 # ----------------------------------------------------------------------------
-# Constants and shapes.
-
-_constant_cache: Dict[tuple, torch.Tensor] = {}
-
-
-def constant(value, shape=None, dtype=None, device=None, memory_format=None) -> torch.Tensor:
-    """A cached tensor holding `value` (broadcast to `shape`), so repeated calls do not allocate again.
-
-    Treat the result as read-only: it is shared by every caller asking for the same constant.
-    """
-    value = np.asarray(value)
-    if shape is not None:
-        shape = tuple(shape)
-    dtype = dtype if dtype is not None else torch.get_default_dtype()
-    device = torch.device(device) if device is not None else torch.device('cpu')
-    memory_format = memory_format if memory_format is not None else torch.contiguous_format
-    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format)
-    tensor = _constant_cache.get(key)
-    if tensor is None:
-        tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
-        if shape is not None:
-            tensor = torch.broadcast_to(tensor, shape)
-        tensor = tensor.contiguous(memory_format=memory_format)
-        _constant_cache[key] = tensor
-    return tensor
-
-
-def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Optional[int]]) -> None:
-    """Raise AssertionError unless `tensor.shape` matches `ref_shape` (None matches any size)."""
-    if tensor.ndim != len(ref_shape):
-        raise AssertionError(f'Wrong number of dimensions: got {tensor.ndim} ({tuple(tensor.shape)}), expected {len(ref_shape)}')
-    for idx, (size, ref_size) in enumerate(zip(tensor.shape, ref_shape)):
-        if ref_size is not None and size != ref_size:
-            raise AssertionError(f'Wrong size for dimension {idx}: got {size} ({tuple(tensor.shape)}), expected {ref_size}')
+# Option parsing.
 
 
 def parse_int_list(s: Union[str, int, Iterable[int]]) -> List[int]:
@@ -424,11 +391,6 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 def named_params_and_buffers(module: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
     """(name, tensor) for all parameters followed by all buffers of `module`."""
     return list(module.named_parameters()) + list(module.named_buffers())
-
-
-def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameter elements (only those with requires_grad when `trainable_only`)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 @torch.no_grad()

@@ -245,9 +245,6 @@ class Dataset(torch.utils.data.Dataset):
     def has_labels(self):
         return any(x != 0 for x in self.label_shape)
 
-    @property
-    def has_onehot_labels(self):
-        return self._get_raw_labels().dtype == np.int64
 
 
 class ImageFolderDataset(Dataset):

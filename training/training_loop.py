@@ -177,8 +177,10 @@ def training_loop(
 
         # Snapshots, statistics and state dumps: the state last, so that whatever a kill interrupts is redone
         # by the resume from it (which drops later stats rows and rewrites later snapshots identically).
-        if snapshot_ticks is not None and (done or run.cur_tick % snapshot_ticks == 0) and rank == 0:
-            snapshots.save_snapshot(run_dir, ema, run.cur_nimg, config)
+        if snapshot_ticks is not None and (done or run.cur_tick % snapshot_ticks == 0):
+            misc.check_ddp_consistency(ema)  # the replicas must agree before rank 0's copy is saved
+            if rank == 0:
+                snapshots.save_snapshot(run_dir, ema, run.cur_nimg, config)
         outputs.update(run.cur_nimg)
         if (state_dump_ticks is not None and run.cur_tick != 0 and run.cur_tick % state_dump_ticks == 0) or done:
             _save_state(run_dir, run, net, ema, optimizer, sampler, config)
