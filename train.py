@@ -23,7 +23,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils.misc import parse_int_list
 from training import snapshots, training_loop
-from training.cli import check_output_dir, one_line_errors
+from training.cli import check_output_dir, given_options, one_line_errors, refuse_ignored
 
 ARCHS = ('ddpmpp', 'ncsnpp', 'adm')
 PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've')
@@ -78,6 +78,9 @@ def build_config(opts, world_size=1):
                 f'--precond={opts.precond} sees every pixel: drop --hidden_precond or use --precond=ambient')
         if opts.norm != 2:
             raise ConfigError(f'--norm={opts.norm} only applies to the ambient losses; use --precond=ambient or ambient_vp')
+        if opts.clean_diagnostics:
+            raise ConfigError(f'--clean_diagnostics reports the ambient loss on every pixel; --precond={opts.precond} '
+                'already trains on every pixel: use --precond=ambient or ambient_vp')
         if opts.delta_probability > 0 or opts.fixed_hat_mask:
             raise ConfigError(f'--delta_probability/--fixed_hat_mask only affect the ambient losses, but --precond={opts.precond} '
                 'trains on the observations as if they were clean; use --precond=ambient or set --delta_probability=0')
@@ -90,7 +93,8 @@ def build_config(opts, world_size=1):
         use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache, max_size=opts.max_size,
         corruption_pattern=opts.corruption_pattern, corruption_probability=opts.corruption_probability,
         delta_probability=opts.delta_probability, mask_full_rgb=opts.mask_full_rgb,
-        corruption_seed=opts.corruption_seed, hat_seed=opts.seed, fixed_hat_mask=opts.fixed_hat_mask)
+        corruption_seed=opts.corruption_seed, hat_seed=opts.seed, fixed_hat_mask=opts.fixed_hat_mask,
+        with_clean=opts.clean_diagnostics)
     c.data_loader_kwargs = dnnlib.EasyDict(num_workers=opts.workers, pin_memory=torch.cuda.is_available())
     if opts.workers > 0:
         c.data_loader_kwargs.prefetch_factor = 2
@@ -165,6 +169,7 @@ def _resolve_resume(resume):
 @click.option('--corruption_seed',        help='Seed of the dataset corruption A', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--hidden_precond',         help='Preconditioning of pixels hidden from the network: mask_aware (per pixel, unit-variance targets) or original (the original code\'s)  [default: mask_aware]', type=click.Choice(['mask_aware', 'original']))
 @click.option('--cond_sigma_min',         help='Smallest noise level the network is told: c_noise uses max(σ, this); 0 = σ itself  [default: 0.1 with mask_aware, else 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--clean_diagnostics',      help='Also report the loss on every pixel (Loss/loss_all; the original\'s loss_test) from the clean images of a synthetically corrupted dataset; never trained on', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--norm',                   help='Loss norm: 2 squared, 1 absolute', metavar='INT', type=click.Choice(['1', '2']), default='2', show_default=True, callback=lambda c, p, v: int(v))
 # Hyperparameters.
 @click.option('--duration',     help='Training duration', metavar='MIMG',                        type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
@@ -215,12 +220,27 @@ def main(**kwargs):
     torch.multiprocessing.set_start_method('spawn', force=True)
     dist.init()
     with one_line_errors():
-        train(opts)
+        train(opts, given_options())
 
 
-def train(opts):
-    """The command's work: options -> config -> run directory (locked) -> training loop."""
+def _refuse_ignored_options(opts, given):
+    refuse_ignored(given, [
+        ('experiment_name', opts.wandb == 'off', 'it names the wandb run; add --wandb=offline or online'),
+        ('gate', not opts.gated, '--gated=False builds plain convolutions; drop --gate or --gated=False'),
+        ('mask_full_rgb', opts.corruption_pattern != 'dust', f'{opts.corruption_pattern} masks are shared by the '
+         'channels already; it applies to --corruption_pattern=dust'),
+        ('fp16', opts.fp16 and not torch.cuda.is_available(), 'mixed precision needs a CUDA device; drop --fp16'),
+        ('augment_set', opts.augment == 0, 'augmentation is off (--augment=0)'),
+        ('desc', opts.nosubdir, 'it names the run subdirectory, which --nosubdir turns off'),
+        ('bench', opts.deterministic, '--deterministic=True turns cuDNN benchmarking off'),
+    ])
+
+
+def train(opts, given=()):
+    """The command's work: options -> config -> run directory (locked) -> training loop. `given`: the options
+    given on the command line, checked for ones that would be ignored."""
     world_size = dist.get_world_size()
+    _refuse_ignored_options(opts, given)
 
     # Resume: the same run with its own seed unless one is given.
     resume_state, state = None, None
@@ -229,8 +249,10 @@ def train(opts):
             raise ConfigError('--resume and --transfer cannot be combined: a resumed run already has its weights')
         resume_state = _resolve_resume(opts.resume)
         state = snapshots.load_state(resume_state)
-        if opts.seed is None:
-            opts.seed = state['config']['seed']
+        if opts.seed is not None and opts.seed != state['config']['seed']:
+            raise ConfigError(f'--seed={opts.seed} differs from the run\'s seed {state["config"]["seed"]}: a resume keeps its '
+                              'seed (every draw is keyed by it); drop --seed')
+        opts.seed = state['config']['seed']
     elif opts.allow_data_change:
         raise ConfigError('--allow_data_change only applies with --resume')
     if opts.seed is None:

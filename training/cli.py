@@ -124,6 +124,20 @@ def command_body(distributed=True):
     return decorate
 
 
+def given_options(ctx=None):
+    """Names of the options given on the command line (not left at their defaults) of the current command."""
+    ctx = ctx or click.get_current_context()
+    return {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+
+
+def refuse_ignored(given, rules):
+    """One-line error for the first option that was given but would have no effect: `rules` holds
+    (option name, whether it is ignored now, why and what to do)."""
+    for name, ignored, why in rules:
+        if name in given and ignored:
+            raise click.UsageError(f'--{name} has no effect here: {why}')
+
+
 def check_output_dir(path, option='--outdir'):
     """`path` can be a directory the command writes into: an existing writable directory, or a new one under a
     writable directory. Checked before any work, so that a bad path fails at once and nothing is written."""

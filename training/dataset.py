@@ -55,6 +55,7 @@ class Dataset(torch.utils.data.Dataset):
         corruption_seed     = 0,        # Seed of the dataset's masks A (the corrupted dataset itself).
         hat_seed            = 0,        # Seed of the further corruption B (the training seed).
         fixed_hat_mask      = False,    # One fixed B per image instead of a fresh one per draw.
+        with_clean          = False,    # Also return the clean image (diagnostics on synthetically corrupted data).
         mode                = 'corrupted',  # 'corrupted': items hold A ⊙ x0; 'clean': x0 (evaluation only).
         normalize           = True,     # float32 in [-1, 1]; False keeps uint8 (for metrics).
     ):
@@ -76,6 +77,7 @@ class Dataset(torch.utils.data.Dataset):
         self.corruption_seed = int(corruption_seed)
         self.hat_seed = int(hat_seed)
         self.fixed_hat_mask = bool(fixed_hat_mask)
+        self.with_clean = bool(with_clean)
         self._draw_counter = 0
 
         # Subset and flips. Raw indices (positions in the full sorted file list) key the masks,
@@ -185,7 +187,8 @@ class Dataset(torch.utils.data.Dataset):
         return self._raw_idx.size
 
     def __getitem__(self, key):
-        """Return (observation, label, A, Ã); the observation is A ⊙ x0 ('corrupted') or x0 ('clean')."""
+        """Return (observation, label, A, Ã); the observation is A ⊙ x0 ('corrupted') or x0 ('clean'). With
+        `with_clean`, the clean image x0 follows, for diagnostics only (synthetically corrupted data)."""
         idx, draw_id = (key if isinstance(key, (tuple, list)) else (key, None))
         idx = int(idx)
         raw_idx = int(self._raw_idx[idx])
@@ -196,8 +199,12 @@ class Dataset(torch.utils.data.Dataset):
             image, mask, hat = (t.flip(-1) for t in (image, mask, hat))
         if self.normalize:
             image = image.to(torch.float32) / 127.5 - 1
+        if self.with_clean:
+            clean = image.clone()
         if self.mode == 'corrupted':
             image = image * mask.to(image.dtype)
+        if self.with_clean:
+            return image, self.get_label(idx), mask, hat, clean
         return image, self.get_label(idx), mask, hat
 
     def get_details(self, idx):

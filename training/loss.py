@@ -185,10 +185,12 @@ class _AmbientLoss:
         if clean is not None and augment_pipe is not None:
             # Replay the same augmentation on the clean images for the all-pixel diagnostic.
             aug_gen = aug_gen if aug_gen is not None else torch.default_generator
-            state = aug_gen.get_state()
+            gens = aug_gen if isinstance(aug_gen, (list, tuple)) else [aug_gen]
+            states = [g.get_state() for g in gens]
         y, augment_labels, (A, A_hat) = _augment(augment_pipe, observation, (mask, hat_mask), aug_gen)
         if clean is not None and augment_pipe is not None:
-            aug_gen.set_state(state)
+            for g, state in zip(gens, states):
+                g.set_state(state)
             clean = _augment(augment_pipe, clean, generator=aug_gen)[0]
         y = y * A  # Keep the observation exactly A ⊙ x0, whatever the caller passed.
         n = _randn(y.shape, y, generator) * sigma

@@ -218,13 +218,7 @@ def load_network(path, device='cpu', training_options=None, allow_unsafe_pickle=
     if head.startswith(b'PK'):  # torch.save's zip format
         net, info = _load_ours(local)
     elif head[:1] == b'\x80':  # a pickle (protocol >= 2)
-        with open(local, 'rb') as f:
-            try:
-                data = restricted_load(f)
-            except Exception as err:  # damaged bytes raise anything from UnpicklingError to OverflowError
-                raise ValueError(f'{path} is a damaged or truncated pickle ({type(err).__name__}: '
-                                 f'{(str(err).splitlines() or [""])[0][:160]})') from None
-        net, info = _load_pickle(data, path, local, training_options, allow_unsafe_pickle)
+        net, info = _load_pickle(_read_pickle(local, path), path, local, training_options, allow_unsafe_pickle)
     else:
         raise ValueError(f'{path} is neither a torch.save snapshot nor a pickle')
     info.path = str(path)
@@ -233,6 +227,41 @@ def load_network(path, device='cpu', training_options=None, allow_unsafe_pickle=
     info.kimg = info.nimg / 1000 if info.nimg is not None else None
     net = net.eval().requires_grad_(False).to(torch.device(device if device is not None else 'cpu'))
     return net, info
+
+
+def _read_pickle(local, path):
+    """A pickle read with the restricted unpickler; damaged bytes are a one-line ValueError."""
+    with open(local, 'rb') as f:
+        try:
+            return restricted_load(f)
+        except Exception as err:  # damaged bytes raise anything from UnpicklingError to OverflowError
+            raise ValueError(f'{path} is a damaged or truncated pickle ({type(err).__name__}: '
+                             f'{(str(err).splitlines() or [""])[0][:160]})') from None
+
+
+def read_weights(path):
+    """The weights (a state dict of tensors) in any snapshot we read, without building its network: ours (the
+    EMA of a `.pt` snapshot, or a plain state-dict file), the original's `.pkl` (its EMA state dict, prefixes
+    stripped) or an EDM module pickle (its parameters and buffers). A path or URL; nothing from the file runs."""
+    local = dnnlib.util.open_url(path, return_filename=True)
+    with open(local, 'rb') as f:
+        head = f.read(4)
+    if head[:1] == b'\x80':
+        data = _read_pickle(local, path)
+        ema = data.get('ema') if isinstance(data, Mapping) else None
+        try:
+            if isinstance(ema, Mapping):
+                return _state_dict(ema, path)
+            if isinstance(ema, PickledObject):
+                return _state_dict(_module_tensors(ema, '', OrderedDict()), path)
+        except _NotRebuildable as err:
+            raise ValueError(f'{path}: {err}') from None
+        raise ValueError(f'{path} is a pickle but not a network snapshot (expected a dict with an "ema" entry)')
+    src = read_torch_file(local, 'network snapshot (.pt or .pkl) or state dict')
+    src = src['ema'] if isinstance(src, dict) and 'ema' in src else src
+    if not isinstance(src, dict) or not src or not all(isinstance(v, torch.Tensor) for v in src.values()):
+        raise ValueError(f'{path} holds no state dict of tensors (nor a snapshot with one under "ema")')
+    return {unwrapped_name(k): v for k, v in src.items()}
 
 
 def _info(**kwargs):

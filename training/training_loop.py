@@ -253,7 +253,7 @@ def network_kwargs_for(network_kwargs, dataset_obj):
 def check_transfer(path, network_kwargs, dataset_obj):
     """A --transfer file must hold weights for every tensor of the run's network, in its shapes; checked on the
     meta device (nothing allocated), before the run writes anything."""
-    src = {misc.unwrapped_name(k): v.shape for k, v in read_transfer_weights(path).items()}
+    src = {misc.unwrapped_name(k): v.shape for k, v in snapshots.read_weights(path).items()}
     with torch.device('meta'):
         net = snapshots.build_network(network_kwargs_for(network_kwargs, dataset_obj))
     wrong = [name for name, tensor in misc.named_params_and_buffers(net) if src.get(name) != tensor.shape]
@@ -277,19 +277,10 @@ def _build_network(network_kwargs, dataset_obj, batch_gpu, device):
     return net, network_kwargs
 
 
-def read_transfer_weights(path):
-    """The state dict of a snapshot (ours: its EMA) or a plain state dict file, for --transfer."""
-    src = snapshots.read_torch_file(path, 'network snapshot (.pt) or state dict to transfer weights from')
-    src = src['ema'] if isinstance(src, dict) and 'ema' in src else src
-    if not isinstance(src, dict) or not src or not all(isinstance(v, torch.Tensor) for v in src.values()):
-        raise ValueError(f'{path} holds no state dict of tensors (nor a snapshot with one under "ema")')
-    return src
-
-
 def _transfer_weights(path, net, ema):
     """Initialise the network and its EMA from a snapshot (ours) or a plain state dict."""
     dist.print0(f'Initialising weights from "{path}"...')
-    src = read_transfer_weights(path)
+    src = snapshots.read_weights(path)
     try:
         misc.copy_params_and_buffers(src, net, require_all=True)
         misc.copy_params_and_buffers(src, ema, require_all=True)
@@ -356,14 +347,15 @@ def batch_loss(net, loss_fn, batch, positions, seed, device, ambient, augment_pi
 
     σ and the noise of each example come from a generator keyed by (seed, its sampler position), its
     augmentation from another one keyed the same way."""
-    observation, labels, mask, hat_mask = batch
+    observation, labels, mask, hat_mask, *clean = batch  # the clean image only for the loss_all diagnostic
     generators = [seeded_generator(seed, 6, p) for p in positions]
     augment_generator = [seeded_generator(seed, 7, p) for p in positions] if augment_pipe is not None else None
     observation, mask, hat_mask = (t.to(device, non_blocking=True) for t in (observation, mask, hat_mask))
     labels = labels.to(device) if labels.shape[-1] > 0 else None
     if ambient:
         loss, diagnostics = loss_fn(net=net, observation=observation, mask=mask, hat_mask=hat_mask, labels=labels,
-            augment_pipe=augment_pipe, generator=generators, augment_generator=augment_generator)
+            augment_pipe=augment_pipe, generator=generators, augment_generator=augment_generator,
+            clean=clean[0].to(device) if clean else None)
     else:
         loss, diagnostics = loss_fn(net=net, images=observation, labels=labels, augment_pipe=augment_pipe,
             generator=generators, augment_generator=augment_generator)
