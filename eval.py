@@ -31,8 +31,8 @@ from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
 from training import metrics, samplers, snapshots
 from training.dataset import ImageFolderDataset
-from training.cli import (SIGMA_RANGE, check_output_dir, check_output_file, check_subset_seed, claim_output_dir, command_body, detector_options, file_digest, image_path,
-                          network_options, sampler_options, sampling_corruption, sampling_mask_options, score_options)
+from training.cli import (SIGMA_RANGE, sigma_range_check, check_output_dir, check_output_file, check_subset_seed, claim_output_dir, command_body, detector_options, file_digest, image_path,
+                          given_options, guidance_rules, network_options, refuse_ignored, sampler_options, sampling_corruption, sampling_mask_options, score_options)
 from training.snapshots import kimg_tag
 
 WANDB_PROJECT = 'ambient_diffusion'
@@ -71,7 +71,8 @@ def score_images(images, opts, extra=None, detector=None):
             f.write(json.dumps(record) + '\n')
         if opts.wandb != 'off':
             import wandb
-            run = wandb.init(mode=opts.wandb, project=WANDB_PROJECT, dir=outdir, job_type='eval', config=dict(opts))
+            run = wandb.init(mode=opts.wandb, project=WANDB_PROJECT, dir=outdir, job_type='eval', config=dict(opts),
+                             name=opts.get('experiment_name'), id=opts.get('wandb_id') or None, resume='allow')
             run.log({key: record[key] for key in ('fid', 'inception_score', 'inception_score_std', 'inception_score_original')})
             run.finish()
     return record
@@ -115,16 +116,21 @@ def generate_images(net, info, seeds, outdir, batch=64, subdirs=False, class_idx
     return count
 
 
-def _process_snapshot(path, opts, detector_cache):
+def _process_snapshot(path, opts, detector_cache, given=()):
     net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                          allow_unsafe_pickle=opts.allow_unsafe_pickle)
     corruption = sampling_corruption(info, opts)
+    refuse_ignored(given, [(name, not info.ambient and opts[name] != default, f'{path} is a clean network; it applies '
+                            'to ambient ones') for name, default in (('guidance_scale', 0), ('guidance_units', 'ours'),
+                           ('clipping', 'static'), ('resample_guidance_masks', False))])
+    if opts.get('num_classes') and opts.num_classes != info.label_dim:
+        raise click.UsageError(f'--num_classes={opts.num_classes} but {path} has {info.label_dim} classes')
     tag = kimg_tag(info.nimg) if info.nimg is not None else os.path.splitext(os.path.basename(path))[0]
     outdir = os.path.join(opts.outdir, tag)
     sampler_kwargs = dict(num_steps=opts.steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
         S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise, solver=opts.solver)
     if info.ambient:
-        sampler_kwargs.update(guidance_scale=opts.guidance_scale, clipping=opts.clipping)
+        sampler_kwargs.update(guidance_scale=opts.guidance_scale, clipping=opts.clipping, guidance_units=opts.guidance_units)
     dist.print0(f'Network {path} ({info.format}, kimg {info.kimg}); corruption {corruption}')
     claim_output_dir(outdir, dict(network_sha256=file_digest(path), sampler=sampler_kwargs,
         corruption=corruption.to_dict() if corruption is not None else None, num_masks=opts.num_masks,
@@ -140,9 +146,21 @@ def _process_snapshot(path, opts, detector_cache):
                      detector=detector_cache['detector'])
 
 
-@click.group()
+class _Commands(click.Group):
+    """The subcommands, or, when the first argument is an option (`eval.py --network=... --ref=...`), the original
+    ambient-diffusion eval.py's command line (`original`)."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0].startswith('--') and args[0] != '--help':
+            args = ['original', *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Commands)
 def cli():
-    """FID / Inception Score evaluation (run a command with --help for its options)."""
+    """FID / Inception Score evaluation (run a command with --help for its options).
+
+    `eval.py --network=... --ref=... [the original's options]` runs the original eval.py's command line."""
 
 
 @cli.command()
@@ -201,12 +219,14 @@ def generate(opts):
     """Generate images from every requested snapshot (skipping images already on disk) and optionally score them."""
     if opts.watch and not os.path.isdir(opts.network):
         raise click.BadParameter('--watch polls a run directory; --network is not one', param_hint='--watch')
+    given = given_options()
+    refuse_ignored(given, guidance_rules(opts))
     check_output_dir(opts.outdir)
     done, detector_cache = set(), {}
     while True:
         paths = snapshots.resolve_networks(opts.network, latest=opts.latest)
         for path in [p for p in paths if p not in done]:
-            _process_snapshot(path, opts, detector_cache)
+            _process_snapshot(path, opts, detector_cache, given)
             done.add(path)
         if not opts.watch:
             break
@@ -310,6 +330,63 @@ def denoise(opts):
         f.writelines(json.dumps(row) + '\n' for row in rows)
     plot_denoising_error(os.path.join(opts.outdir, 'denoising-error.png'), rows)
     click.echo(f'\nWrote {opts.outdir}/denoising-error.jsonl and denoising-error.png')
+
+
+@cli.command(hidden=True)
+@click.option('--network',          help='Run directory or snapshot (.pkl of the original, .pt of ours); images with --skip_generation', metavar='PATH|DIR', type=str, required=True)
+@click.option('--ref',              help='Reference statistics', metavar='NPZ|URL', type=str)
+@click.option('--outdir',           help='Where to save the images', metavar='DIR', type=str, required=True)
+@click.option('--experiment_name',  help='wandb run name', metavar='STR', type=str)
+@click.option('--wandb_id',         help='wandb run id to resume', metavar='STR', type=str, default='')
+@click.option('--with_wandb',       help='Log to wandb (online, or as WANDB_MODE says)', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--training_options_loc', help='training_options.json of the .pkl snapshots', metavar='JSON', type=str)
+@click.option('--seeds',            help='Random seeds, cut to the first --num', metavar='LIST', type=parse_int_list, default='0-63', show_default=True)
+@click.option('--subdirs',          help='Subdirectory for every 1000 seeds', is_flag=True)
+@click.option('--class', 'class_idx', help='Class label', metavar='INT', type=click.IntRange(min=0))
+@click.option('--batch',            help='Batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--corruption_probability', help='p of the sampling masks (dust)', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.4, show_default=True)
+@click.option('--delta_probability', help='δ of the sampling masks', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option('--mask_full_rgb',    help='Share a pixel\'s sampling mask over channels', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--num_masks',        help='Masks per sample', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--guidance_scale',   help='The original\'s guidance λ', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option('--num',              help='Images to generate and score', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed',             help='Seed of the scored subset', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--eval_step',        help='Evaluate every eval_step-th snapshot', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--skip_generation',  help='Score the images in --network', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--skip_calculation', help='Generate only', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--num_classes',      help='Number of classes (checked against the network)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--steps',            help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--sigma_min',        help='Lowest noise level', metavar='FLOAT', type=float, default=0.002, show_default=True, callback=sigma_range_check)
+@click.option('--sigma_max',        help='Highest noise level', metavar='FLOAT', type=float, default=80, show_default=True, callback=sigma_range_check)
+@click.option('--rho',              help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min',   help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max',   help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
+@click.option('--solver',           help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True)
+@click.option('--disc', '--schedule', '--scaling', 'unsupported', help='Not supported (the original crashed on them)', type=str)
+@detector_options
+@command_body()
+def original(opts):
+    """The original ambient-diffusion eval.py: generate from every --eval_step-th snapshot, then FID/IS."""
+    if opts.unsupported is not None:
+        raise click.UsageError('--disc/--schedule/--scaling crashed the original sampler; the EDM schedule is the only '
+                               'one here: drop the option')
+    if not opts.skip_calculation and opts.ref is None:
+        raise click.UsageError('--ref is needed to score the images (or pass --skip_calculation=True)')
+    wandb_mode = os.environ.get('WANDB_MODE', 'online') if opts.with_wandb else 'off'
+    wandb_mode = 'off' if wandb_mode == 'disabled' else wandb_mode
+    score = dnnlib.EasyDict(opts, num=opts.num, wandb=wandb_mode, outdir=opts.outdir)
+    if opts.skip_generation:
+        return score_images(opts.network, score)
+    check_output_dir(opts.outdir)
+    gen = dnnlib.EasyDict(opts, training_options=opts.training_options_loc, seeds=opts.seeds[:opts.num], latest=False,
+        resample_guidance_masks=False, clipping='static', guidance_units='original', corruption_pattern='dust',
+        ref=None if opts.skip_calculation else opts.ref, subset_seed=opts.seed, wandb=wandb_mode, watch=False)
+    paths = snapshots.resolve_networks(opts.network)[::opts.eval_step]
+    detector_cache = {}
+    for path in paths:
+        _process_snapshot(path, gen, detector_cache, given=given_options())
 
 
 main = cli

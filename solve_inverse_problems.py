@@ -37,11 +37,17 @@ from training.dataset import ImageFolderDataset
 from training.snapshots import kimg_tag
 
 KINDS = ('ref', 'measurement', 'reconstruction', 'baseline')
+# Which operators (--corruption_pattern) use each operator option.
+OPERATOR_OPTIONS = dict(operator_corruption_probability=('dust', 'box_masking', 'averaging'),
+                        operator_mask_full_rgb=('dust',), downsampling_factor=('averaging',),
+                        blur_type=('blurring',), kernel_size=('blurring',), kernel_std=('blurring',),
+                        intensity=('blurring',), num_measurements=('compressed_sensing',))
 # The options that decide the outputs (recorded in the output directory's provenance.json with the network).
 OUTPUT_OPTIONS = ('corruption_pattern', 'operator_corruption_probability', 'operator_mask_full_rgb', 'downsampling_factor',
                   'blur_type', 'kernel_size', 'kernel_std', 'intensity', 'num_measurements', 'dps_scale', 'norm',
                   'corruption_probability', 'delta_probability', 'mask_full_rgb', 'steps', 'sigma_min', 'sigma_max',
-                  'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'solver', 'num_masks', 'guidance_scale', 'clipping')
+                  'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'solver', 'num_masks', 'guidance_scale', 'clipping',
+                  'guidance_units')
 
 # ---------------------------------------------------------------------------------------------
 # Image quality.
@@ -124,7 +130,7 @@ def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None)
     corruption = _sampler_corruption(info, opts)
     sampler_kwargs = dict(num_steps=opts.steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
         S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise, solver=opts.solver,
-        guidance_scale=opts.guidance_scale, clipping=opts.clipping)
+        guidance_scale=opts.guidance_scale, clipping=opts.clipping, guidance_units=opts.guidance_units)
     if info.ambient:
         sampler_kwargs.update(corruption=corruption, num_masks=opts.num_masks)
     todo = [s for s in seeds if not os.path.isfile(cli.image_path(os.path.join(outdir, 'reconstruction'), s))]
@@ -211,6 +217,12 @@ def _print_summary(summary, outdir):
 
 def solve(opts):
     """Run every requested snapshot; returns {snapshot path: summary}."""
+    pattern = opts.corruption_pattern
+    cli.refuse_ignored(cli.given_options(), cli.guidance_rules(opts) + [
+        (name, pattern not in users, f'--corruption_pattern={pattern} does not use it')
+        for name, users in OPERATOR_OPTIONS.items()] + [
+        ('kernel_std', opts.blur_type != 'gaussian', f'--blur_type={opts.blur_type} does not use it'),
+        ('intensity', opts.blur_type != 'motion', f'--blur_type={opts.blur_type} does not use it')])
     cli.check_output_dir(opts.outdir)
     operator = build_operator(opts)
     dataset = ImageFolderDataset(opts.measurements_path, mode='clean')

@@ -136,8 +136,8 @@ def run_dir_name(outdir, dataset_name, opts, world_size):
     """EDM's run directory: NNNNN-<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<fp>[-desc]."""
     desc = (f'{dataset_name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-gpus{world_size}'
             f'-batch{opts.batch}-{"fp16" if opts.fp16 else "fp32"}')
-    if opts.desc is not None:
-        desc += f'-{opts.desc}'
+    if opts.desc is not None or opts.get('experiment_name') is not None:
+        desc += f'-{opts.desc or opts.experiment_name}'
     ids = [int(m.group()) for m in (re.match(r'^\d+', x) for x in (os.listdir(outdir) if os.path.isdir(outdir) else [])) if m]
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
@@ -212,7 +212,7 @@ def _resolve_resume(resume):
 @click.option('--allow_data_change', help='Let --resume continue on other data than the run trained on', is_flag=True)
 @click.option('--wandb',        help='Weights & Biases logging',                                 type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True)
 @click.option('--tensorboard',  help='Write tensorboard event files', metavar='BOOL',            type=bool, default=False, show_default=True)
-@click.option('--experiment_name', help='Run name for wandb', metavar='STR',                     type=str)
+@click.option('--experiment_name', help='Run name: the run directory\'s suffix (like --desc) and the wandb run name', metavar='STR', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit',                         is_flag=True)
 def main(**kwargs):
     """Train a diffusion model on corrupted (or clean) images."""
@@ -225,13 +225,15 @@ def main(**kwargs):
 
 def _refuse_ignored_options(opts, given):
     refuse_ignored(given, [
-        ('experiment_name', opts.wandb == 'off', 'it names the wandb run; add --wandb=offline or online'),
+        ('experiment_name', opts.wandb == 'off' and opts.nosubdir, 'it names the run directory and the wandb run, '
+         'and --nosubdir turns the first off; drop it or add --wandb=offline or online'),
         ('gate', not opts.gated, '--gated=False builds plain convolutions; drop --gate or --gated=False'),
         ('mask_full_rgb', opts.corruption_pattern != 'dust', f'{opts.corruption_pattern} masks are shared by the '
          'channels already; it applies to --corruption_pattern=dust'),
         ('fp16', opts.fp16 and not torch.cuda.is_available(), 'mixed precision needs a CUDA device; drop --fp16'),
         ('augment_set', opts.augment == 0, 'augmentation is off (--augment=0)'),
         ('desc', opts.nosubdir, 'it names the run subdirectory, which --nosubdir turns off'),
+        ('desc', opts.experiment_name is not None, '--experiment_name names the run directory already; give one of them'),
         ('bench', opts.deterministic, '--deterministic=True turns cuDNN benchmarking off'),
     ])
 

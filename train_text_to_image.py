@@ -33,7 +33,7 @@ from torch_utils.ambient_diffusion import MASK_PATTERNS, MaskCorruption
 from torch_utils.images import save_image_grid
 from torch_utils.misc import seeded_generator
 from training import ambient_if
-from training.cli import check_output_dir, one_line_errors
+from training.cli import check_output_dir, given_options, one_line_errors, refuse_ignored
 from training.dataset import DatasetError, HFImageDataset, ImageFolderDataset
 from training.snapshots import atomic_torch_save
 
@@ -506,9 +506,13 @@ def main(**kwargs):
     c = dnnlib.EasyDict(kwargs)
     if (c.train_data_dir is None) == (c.dataset_name is None):
         raise click.ClickException('pass exactly one of --train_data_dir (EDM-format folder or zip) and --dataset_name')
-    if c.train_data_dir is not None and c.center_crop:
-        raise click.ClickException('--center_crop applies to --dataset_name images; --train_data_dir datasets are '
-                                   'already square (crop them with dataset_tool.py --transform=center-crop)')
+    if c.train_data_dir is not None:
+        refuse_ignored(given_options(), [(name, True, 'it applies to --dataset_name (a 🤗 dataset), not --train_data_dir')
+                                         for name in ('dataset_config_name', 'image_column', 'caption_column')])
+        if c.center_crop:  # the original's README passes it with a local folder, where it never did anything
+            print('Note: --center_crop does nothing for --train_data_dir datasets, which are square already '
+                  '(dataset_tool.py --transform=center-crop crops them); going on without it')
+            c.center_crop = False
     if c.empty_embeds is None:
         c.empty_embeds = os.path.join(c.output_dir, 'empty_embeds.pt')
     c.validation_prompts = [p.strip() for p in c.validation_prompts.split(',')] if c.validation_prompts else []

@@ -170,8 +170,8 @@ def test_command_line_errors(tmp_path, tiny_if, data16, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert 'fp16 needs a CUDA device' in error(train_text_to_image, '--train_data_dir', data16, '--output_dir', out,
         '--pretrained_model_name_or_path', tiny_if, '--mixed_precision', 'fp16')
-    assert '--center_crop applies to --dataset_name' in error(train_text_to_image, '--train_data_dir', data16,
-        '--output_dir', out, '--center_crop')
+    assert '--image_column has no effect' in error(train_text_to_image, '--train_data_dir', data16,
+        '--output_dir', out, '--image_column', 'img')
     assert 'checkpoint-<step>' in error(train_text_to_image, '--train_data_dir', data16, '--output_dir', out,
         '--pretrained_model_name_or_path', tiny_if, '--resolution', 16, '--resume_from_checkpoint', tmp_path,
         '--report_to', 'none')

@@ -71,7 +71,8 @@ sampler_options = _options(
     click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True),
     click.option('--solver',           help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True),
     click.option('--num_masks',        help='Masks per sample (K; >1 adds reconstruction guidance)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True),
-    click.option('--guidance_scale',   help='Reconstruction guidance weight w', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+    click.option('--guidance_scale',   help='Reconstruction guidance weight (w, or the original\'s λ with --guidance_units=original)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
+    click.option('--guidance_units',   help='ours: w corrects the denoised image; original: λ moves x by −λ∇[½K·Σ‖D_0 − D_j‖²] per Heun stage, as the original eval.py', type=click.Choice(['ours', 'original']), default='ours', show_default=True),
     click.option('--clipping',         help='Clipping of the denoised image', type=click.Choice(['none', 'static', 'dynamic']), default='static', show_default=True),
 )
 
@@ -136,6 +137,18 @@ def refuse_ignored(given, rules):
     for name, ignored, why in rules:
         if name in given and ignored:
             raise click.UsageError(f'--{name} has no effect here: {why}')
+
+
+def guidance_rules(opts):
+    """Sampler options that do nothing with the others given (for `refuse_ignored`)."""
+    rules = [('guidance_scale', opts.num_masks == 1 and opts.guidance_scale > 0,
+              'reconstruction guidance compares K > 1 masks; add --num_masks'),
+             ('guidance_units', opts.num_masks == 1 or opts.guidance_scale == 0, 'there is no guidance without '
+              '--num_masks > 1 and --guidance_scale > 0')]
+    if 'resample_guidance_masks' in opts:
+        rules.append(('resample_guidance_masks', not opts.resample_guidance_masks or opts.num_masks == 1
+                      or opts.guidance_scale == 0, 'there are no guidance masks without --num_masks > 1 and --guidance_scale > 0'))
+    return rules
 
 
 def check_output_dir(path, option='--outdir'):

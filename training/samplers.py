@@ -44,6 +44,7 @@ from torch_utils.ambient_diffusion import MaskCorruption
 from torch_utils.misc import StackedRandomGenerator, seeded_generator
 
 SOLVERS = ('euler', 'heun')
+GUIDANCE_UNITS = ('ours', 'original')
 CLIPPING_MODES = ('none', 'static', 'dynamic')
 
 #----------------------------------------------------------------------------
@@ -87,7 +88,9 @@ def check_sampler_args(net=None, ambient=None, latents=None, masks=None, **optio
         raise ValueError(f'clipping={o.clipping!r} is unknown; pass one of {", ".join(CLIPPING_MODES)}')
     if o.get('clipping') == 'dynamic' and not 0 < o.clip_percentile <= 1:
         raise ValueError(f'clip_percentile={o.clip_percentile!r} is outside (0, 1]; pass e.g. 0.995')
-    if 'guidance_scale' in o and not o.guidance_scale >= 0:
+    if 'guidance_units' in o and o.guidance_units not in GUIDANCE_UNITS:
+        raise ValueError(f'guidance_units={o.guidance_units!r} is unknown; pass one of {", ".join(GUIDANCE_UNITS)}')
+    if 'guidance_scale' in o and not callable(o.guidance_scale) and not o.guidance_scale >= 0:
         raise ValueError(f'guidance_scale={o.guidance_scale!r} is invalid; pass guidance_scale >= 0')
     if not all(callable(term) for term in o.get('extra_guidance', ())):
         raise ValueError('extra_guidance must be a sequence of callables term(x, sigma, D0) -> loss')
@@ -122,6 +125,12 @@ def edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=None, dtype=torch.f
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 
 
+def _t_hat(t_cur, num_steps, S_churn, S_min, S_max, round_sigma):
+    """t̂ = t_i·(1 + γ), γ = min(S_churn/N, √2 − 1) where S_min ≤ t_i ≤ S_max (EDM's churn), rounded."""
+    gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+    return torch.as_tensor(round_sigma(t_cur + gamma * t_cur), dtype=torch.float64, device=t_cur.device)
+
+
 def _integrate(denoise, latents, t_steps, randn_like, round_sigma, S_churn, S_min, S_max, S_noise, solver,
                begin_step=None):
     """EDM Algorithm 2 for a denoiser `denoise(x, t) -> D` (float64); returns x_N (float64).
@@ -137,8 +146,7 @@ def _integrate(denoise, latents, t_steps, randn_like, round_sigma, S_churn, S_mi
         x_cur = x_next
 
         # Increase the noise level temporarily (churn).
-        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
-        t_hat = torch.as_tensor(round_sigma(t_cur + gamma * t_cur), dtype=torch.float64, device=t_cur.device)
+        t_hat = _t_hat(t_cur, num_steps, S_churn, S_min, S_max, round_sigma)
         x_hat = x_cur
         if S_churn > 0:
             x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
@@ -246,7 +254,8 @@ def guided_ambient_denoiser(net, masks, class_labels=None, guidance_scale=0.0, c
     check_sampler_args(masks=masks, guidance_scale=guidance_scale, extra_guidance=extra_guidance, clipping=clipping,
                        clip_percentile=clip_percentile)
     masks = masks if masks.ndim == 5 else masks[:, None]
-    reconstruction = guidance_scale > 0 and masks.shape[1] > 1
+    scale = guidance_scale if callable(guidance_scale) else (lambda sigma: guidance_scale)
+    reconstruction = (callable(guidance_scale) or guidance_scale > 0) and masks.shape[1] > 1
     if not reconstruction and not extra_guidance:
         D_0 = ambient_denoiser(net, masks[:, 0], class_labels)
         return lambda x, sigma: clip_denoised(D_0(x, sigma), clipping, clip_percentile)
@@ -259,7 +268,7 @@ def guided_ambient_denoiser(net, masks, class_labels=None, guidance_scale=0.0, c
             D0 = D[:, 0]
             loss = x.new_zeros([])
             if reconstruction:
-                loss = loss + guidance_scale * 0.5 * (D0[:, None] - D[:, 1:]).square().sum()
+                loss = loss + scale(sigma) * 0.5 * (D0[:, None] - D[:, 1:]).square().sum()
             for term in extra_guidance:
                 value = term(x, sigma, D0)
                 if not isinstance(value, torch.Tensor):
@@ -278,7 +287,7 @@ def guided_ambient_denoiser(net, masks, class_labels=None, guidance_scale=0.0, c
 def ambient_sampler(net, latents, masks, class_labels=None, randn_like=torch.randn_like, num_steps=18,
                     sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
                     solver='heun', guidance_scale=0.0, clipping='none', clip_percentile=0.995, resample_masks=None,
-                    extra_guidance=()):
+                    extra_guidance=(), guidance_units='ours'):
     """Fixed-mask sampler of Ambient Diffusion (Daras et al. 2023, Sec. 4) on EDM's Algorithm 2.
 
     latents: [N, C, H, W] standard normal. masks: [N, K, C, H, W] (K ≥ 1; or [N, C, H, W] for K = 1), drawn
@@ -287,19 +296,27 @@ def ambient_sampler(net, latents, masks, class_labels=None, randn_like=torch.ran
     'dynamic' (`clip_denoised`). resample_masks: optional callable(step_index) -> new guidance masks
     [N, K−1, C, H, W], called at the start of steps 1..N−1 when guidance is on (`masks` serves step 0).
     extra_guidance: terms term(x, sigma, D0) -> loss (see `guided_ambient_denoiser`).
+    guidance_units: 'ours' (w as above) or 'original': guidance_scale is the original's λ, whose step moved x by
+    −λ·∇[½K·Σ_j‖D_0 − D_j‖²] in each Heun stage; that is w = λ·K·σ/(t̂ − t_{i+1}) at the stage's noise level σ.
     Returns x_N [N, C, H, W] float64.
     """
     check_sampler_args(net, ambient=True, latents=latents, masks=masks, solver=solver, S_churn=S_churn, S_min=S_min,
-                       S_max=S_max, S_noise=S_noise, resample_masks=resample_masks)
+                       S_max=S_max, S_noise=S_noise, resample_masks=resample_masks, guidance_units=guidance_units)
     masks = masks if masks.ndim == 5 else masks[:, None]
     n, k = masks.shape[:2]
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=net, device=latents.device)
+    step = dict(size=None)  # t̂ − t_{i+1} of the current step, for the original's guidance units
+    if guidance_units == 'original' and guidance_scale > 0:
+        original_scale = guidance_scale
+        guidance_scale = lambda sigma: original_scale * k * sigma / step['size']
     options = dict(class_labels=class_labels, guidance_scale=guidance_scale, clipping=clipping,
                    clip_percentile=clip_percentile, extra_guidance=extra_guidance)
     current = dict(denoise=guided_ambient_denoiser(net, masks, **options))
+    guided = (callable(guidance_scale) or guidance_scale > 0) and k > 1
 
     def begin_step(i):
-        if i == 0 or resample_masks is None or not (guidance_scale > 0 and k > 1):
+        step['size'] = _t_hat(t_steps[i], num_steps, S_churn, S_min, S_max, _round_sigma(net)) - t_steps[i + 1]
+        if i == 0 or resample_masks is None or not guided:
             return
         guidance_masks = resample_masks(i)
         expected = (n, k - 1, *masks.shape[2:])
