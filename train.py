@@ -29,6 +29,9 @@ ARCHS = ('ddpmpp', 'ncsnpp', 'adm')
 PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've')
 AMBIENT_PRECONDS = ('ambient', 'ambient_vp')
 DATA_KEYS = ('path', 'max_size', 'xflip', 'use_labels')  # what a resume may not change silently
+# --preset=original: the original code's network and objective (options given explicitly still win).
+ORIGINAL_PRESET = dict(gate='double_sigmoid', hidden_precond='original', cond_sigma_min=0.0, augment_set='edm',
+                       fixed_hat_mask=True)
 MASK_AWARE_COND_SIGMA_MIN = 0.1  # about the 18th percentile of EDM's training σ (ln σ ~ N(-1.2, 1.2²))
 
 
@@ -60,6 +63,8 @@ def _network_kwargs(opts):
         gate=opts.gate if opts.gated else 'none')
     if opts.precond in AMBIENT_PRECONDS:
         kw.hidden_precond = opts.hidden_precond or 'mask_aware'
+        if opts.get('preset') == 'original':
+            kw.outputs = 'image_and_mask'  # 2C output channels, so that the original's checkpoints fit
     # The floor comes with the mask-aware preconditioning, where hidden pixels are F itself.
     cond_sigma_min = opts.cond_sigma_min
     if cond_sigma_min is None:
@@ -170,6 +175,7 @@ def _resolve_resume(resume):
 @click.option('--hidden_precond',         help='Preconditioning of pixels hidden from the network: mask_aware (per pixel, unit-variance targets) or original (the original code\'s)  [default: mask_aware]', type=click.Choice(['mask_aware', 'original']))
 @click.option('--cond_sigma_min',         help='Smallest noise level the network is told: c_noise uses max(σ, this); 0 = σ itself  [default: 0.1 with mask_aware, else 0]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--clean_diagnostics',      help='Also report the loss on every pixel (Loss/loss_all; the original\'s loss_test) from the clean images of a synthetically corrupted dataset; never trained on', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--preset',                 help='original: the original code\'s defaults at once (double-sigmoid gates, its hidden-pixel preconditioning, EDM\'s augmentations, a fixed B per image); explicit options still win', type=click.Choice(['ours', 'original']), default='ours', show_default=True)
 @click.option('--norm',                   help='Loss norm: 2 squared, 1 absolute', metavar='INT', type=click.Choice(['1', '2']), default='2', show_default=True, callback=lambda c, p, v: int(v))
 # Hyperparameters.
 @click.option('--duration',     help='Training duration', metavar='MIMG',                        type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
@@ -223,6 +229,17 @@ def main(**kwargs):
         train(opts, given_options())
 
 
+def apply_preset(opts, given=()):
+    """Set the preset's option values, except those given on the command line."""
+    if opts.preset == 'original':
+        if opts.precond not in AMBIENT_PRECONDS:
+            raise ConfigError(f'--preset=original is the original\'s ambient network and loss; --precond={opts.precond} '
+                              'is not ambient: use --precond=ambient')
+        changed = {name: value for name, value in ORIGINAL_PRESET.items() if name not in given}
+        opts.update(changed)
+        dist.print0('--preset=original: ' + ', '.join(f'--{name}={value}' for name, value in changed.items()))
+
+
 def _refuse_ignored_options(opts, given):
     refuse_ignored(given, [
         ('experiment_name', opts.wandb == 'off' and opts.nosubdir, 'it names the run directory and the wandb run, '
@@ -242,6 +259,7 @@ def train(opts, given=()):
     """The command's work: options -> config -> run directory (locked) -> training loop. `given`: the options
     given on the command line, checked for ones that would be ignored."""
     world_size = dist.get_world_size()
+    apply_preset(opts, given)
     _refuse_ignored_options(opts, given)
 
     # Resume: the same run with its own seed unless one is given.

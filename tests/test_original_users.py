@@ -2,6 +2,7 @@
 original's .pkl, the all-pixel loss diagnostic (the original's loss_test) that never reaches the gradient."""
 
 import glob
+import os
 import json
 import pickle
 
@@ -229,3 +230,43 @@ def test_the_originals_fid_command_runs_unchanged(tmp_path):
     # The original's flags that crashed it are refused with what to do.
     result = CliRunner().invoke(eval_cli.cli, [str(a) for a in command + ['--disc=vp']])
     assert result.exit_code != 0 and 'EDM schedule' in result.output
+
+
+def test_preset_original_builds_the_originals_network(tmp_path):
+    """train.py --preset=original on 32x32 data builds exactly the parameter names and shapes of the original's
+    gated DDPM++ (tests/golden/ddpmpp32_keys.txt, the layout of the released CIFAR-10 checkpoints)."""
+    from conftest import train_options
+    from test_golden import load_golden_module
+    from training import training_loop
+    data = write_edm_dataset(tmp_path / 'data32.zip', random_images(4, 3, 32, seed=1))
+    opts = train_options(['--outdir', tmp_path, '--data', data, '--preset=original'])
+    train.apply_preset(opts)
+    c = train.build_config(opts)
+    assert c.dataset_kwargs.fixed_hat_mask and c.loss_kwargs.hidden_precond == 'original'
+    from training.dataset import ImageFolderDataset
+    kwargs = training_loop.network_kwargs_for(c.network_kwargs, ImageFolderDataset(data))
+    with torch.device('meta'):
+        net = snapshots.build_network(kwargs)
+    golden = load_golden_module()
+    with open(golden.GOLDEN) as f:
+        expected = [line.rstrip('\n') for line in f if line.strip()]
+    assert [golden.format_line(k, tuple(v.shape)) for k, v in net.state_dict().items()] == expected
+
+
+def test_the_originals_celeba_command_trains_with_the_preset(tmp_path):
+    """The original README's CelebA command plus --preset=original (and a tiny network and duration, to run on
+    a CPU in seconds) trains; its dry run shows the original's settings."""
+    data = write_edm_dataset(tmp_path / 'celeba.zip', random_images(8, 3, 16, seed=2))
+    command = ['--outdir', tmp_path / 'runs', '--experiment_name=celeba', '--dump=200', '--cond=0', '--arch=ddpmpp',
+               '--precond=ambient', '--cres=1,2,2,2', '--lr=2e-4', '--dropout=0.1', '--augment=0.15', '--data', data,
+               '--norm=2', '--max_grad_norm=1.0', '--mask_full_rgb=True', '--corruption_probability=0.4',
+               '--delta_probability=0.1', '--batch=256', '--max_size=30000', '--preset=original']
+    dry = invoke(command + ['--dry-run'])
+    assert dry.exit_code == 0, dry.output
+    for setting in ('"gate": "double_sigmoid"', '"hidden_precond": "original"', '"fixed_hat_mask": true',
+                    '"augment_dim": 9'):
+        assert setting in dry.output, setting
+    result = invoke(command + ['--batch=4', '--cbase=8', '--num_blocks=1', '--duration=0.000008', '--workers=0'])
+    assert result.exit_code == 0, result.output
+    run_dir = glob.glob(str(tmp_path / 'runs' / '*-celeba'))
+    assert len(run_dir) == 1 and glob.glob(os.path.join(run_dir[0], 'network-snapshot-*.pt'))

@@ -246,8 +246,11 @@ def network_kwargs_for(network_kwargs, dataset_obj):
     """The network kwargs completed with the dataset's resolution, labels and channels (doubled for an ambient
     network's [image, mask] input)."""
     channels = dataset_obj.num_channels * (2 if network_kwargs.get('ambient', False) else 1)
-    return dict(network_kwargs, img_resolution=dataset_obj.resolution, label_dim=dataset_obj.label_dim,
-                img_channels=channels)
+    kwargs = dict(network_kwargs, img_resolution=dataset_obj.resolution, label_dim=dataset_obj.label_dim,
+                  img_channels=channels)
+    if kwargs.pop('outputs', 'image') == 'image_and_mask':  # the original's 2C outputs, of which C are used
+        kwargs['out_channels'] = channels
+    return kwargs
 
 
 def check_transfer(path, network_kwargs, dataset_obj):
