@@ -86,9 +86,10 @@ def build_config(opts, world_size=1):
         if opts.clean_diagnostics:
             raise ConfigError(f'--clean_diagnostics reports the ambient loss on every pixel; --precond={opts.precond} '
                 'already trains on every pixel: use --precond=ambient or ambient_vp')
-        if opts.delta_probability > 0 or opts.fixed_hat_mask:
+        if (opts.delta_probability or 0) > 0 or opts.fixed_hat_mask:
             raise ConfigError(f'--delta_probability/--fixed_hat_mask only affect the ambient losses, but --precond={opts.precond} '
                 'trains on the observations as if they were clean; use --precond=ambient or set --delta_probability=0')
+    delta_probability = opts.delta_probability if opts.delta_probability is not None else (0.1 if ambient else 0.0)
     batch_gpu = opts.batch_gpu or opts.batch // world_size
     if opts.batch % world_size != 0 or (opts.batch // world_size) % batch_gpu != 0:
         raise ConfigError(f'--batch={opts.batch} must be divisible by processes ({world_size}) x --batch-gpu ({batch_gpu})')
@@ -97,7 +98,7 @@ def build_config(opts, world_size=1):
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
         use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache, max_size=opts.max_size,
         corruption_pattern=opts.corruption_pattern, corruption_probability=opts.corruption_probability,
-        delta_probability=opts.delta_probability, mask_full_rgb=opts.mask_full_rgb,
+        delta_probability=delta_probability, mask_full_rgb=opts.mask_full_rgb,
         corruption_seed=opts.corruption_seed, hat_seed=opts.seed, fixed_hat_mask=opts.fixed_hat_mask,
         with_clean=opts.clean_diagnostics)
     c.data_loader_kwargs = dnnlib.EasyDict(num_workers=opts.workers, pin_memory=torch.cuda.is_available())
@@ -168,7 +169,7 @@ def _resolve_resume(resume):
 # Corruption.
 @click.option('--corruption_pattern',     help='Mask pattern of the dataset',                     type=click.Choice(['dust', 'box', 'fixed_box', 'keep_patch']), default='dust', show_default=True)
 @click.option('--corruption_probability', help='p: how much of each image is missing', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.4, show_default=True)
-@click.option('--delta_probability',      help='δ: further corruption of the observed pixels', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option('--delta_probability',      help='δ: further corruption of the observed pixels  [default: 0.1 for ambient losses, else 0]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
 @click.option('--mask_full_rgb',          help='One dust mask per pixel, shared by its channels', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--fixed_hat_mask',         help='Fix the further corruption per image (original behaviour)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--corruption_seed',        help='Seed of the dataset corruption A', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
@@ -390,7 +391,8 @@ def _print_summary(c, opts, world_size, resume_state, in_place):
     dist.print0()
     dist.print0(f'Output directory:        {c.run_dir}')
     dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
-    dist.print0(f'Corruption:              {opts.corruption_pattern}, p={opts.corruption_probability}, δ={opts.delta_probability}')
+    dist.print0(f'Corruption:              {opts.corruption_pattern}, p={opts.corruption_probability}, '
+                f'δ={c.dataset_kwargs.delta_probability}')
     dist.print0(f'Network architecture:    {opts.arch}, precond {opts.precond}, gate {c.network_kwargs.gate}')
     dist.print0(f'Number of processes:     {world_size}')
     dist.print0(f'Batch size:              {c.batch_size} ({c.batch_gpu} per round)')

@@ -270,3 +270,14 @@ def test_the_originals_celeba_command_trains_with_the_preset(tmp_path):
     assert result.exit_code == 0, result.output
     run_dir = glob.glob(str(tmp_path / 'runs' / '*-celeba'))
     assert len(run_dir) == 1 and glob.glob(os.path.join(run_dir[0], 'network-snapshot-*.pt'))
+
+
+def test_plain_edm_needs_no_delta(tmp_path, data):
+    """--precond=edm with --corruption_probability=0 is plain EDM without further options (δ defaults to 0 there);
+    the gradient norm is reported without --max_grad_norm."""
+    result = invoke(['--outdir', tmp_path / 'run', '--data', data, *TINY, '--precond=edm', '--corruption_probability=0'])
+    assert result.exit_code == 0, result.output
+    options = json.load(open(tmp_path / 'run' / 'training_options.json'))
+    assert options['dataset_kwargs']['delta_probability'] == 0
+    rows = [json.loads(line) for line in open(tmp_path / 'run' / 'stats.jsonl')]
+    assert all('Train/grad_norm' in row for row in rows)

@@ -330,7 +330,7 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
     (['--batch=6', '--batch-gpu=4'], 'divisible'),
     (['--cond=True', '--data=NOLABELS'], 'labels'),
     (['--precond=edm', '--norm=1'], '--norm=1 only applies'),
-    (['--precond=vp'], '--delta_probability'),
+    (['--precond=vp', '--delta_probability=0.2'], '--delta_probability'),
     (['--precond=edm', '--delta_probability=0', '--hidden_precond=mask_aware'], '--hidden_precond only applies'),
     (['--data=MISSING'], 'dataset not found'),
     (['--corruption_probability=1.0'], 'corruption_probability'),

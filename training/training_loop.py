@@ -9,6 +9,7 @@ the process's torch RNG, saved in the state.
 
 import copy
 import json
+import math
 import os
 import random
 import time
@@ -375,9 +376,9 @@ def _optimizer_step(net, optimizer, base_lr, lr_rampup_kimg, cur_nimg, max_grad_
     for param in net.parameters():
         if param.grad is not None:
             torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-    if max_grad_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
-        training_stats.report('Train/grad_norm', grad_norm)
+    # The norm is reported always; with max_norm = inf nothing is clipped (the gradients are scaled by exactly 1).
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm if max_grad_norm is not None else math.inf)
+    training_stats.report('Train/grad_norm', grad_norm)
     optimizer.step()
     training_stats.report('Train/lr', lr)
 
