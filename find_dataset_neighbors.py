@@ -303,7 +303,9 @@ def write_cache(features_path, features, key):
 def dataset_features(opts, dataset, net, params):
     """Training-set features [N, D] on every rank: from the cache when it matches, else computed and cached."""
     key = cache_key(opts, dataset, net, params) if dist.get_rank() == 0 else None
-    features, message = read_cache(opts.features_path, key) if dist.get_rank() == 0 else (None, None)
+    features, message = (None, f'--cache=False: computing the dataset features into {opts.features_path}')
+    if opts.cache and dist.get_rank() == 0:
+        features, message = read_cache(opts.features_path, key)
     dist.print0(message)
     shape = dist.broadcast_object(None if features is None else features.shape)
     device = next(net.parameters()).device
@@ -458,7 +460,8 @@ def find_neighbors(opts):
 @click.option('--model',         help='DINOv2: Hugging Face id or local directory',        metavar='ID|DIR', type=str, default=DEFAULT_MODEL, show_default=True)
 @click.option('--cache_dir',     help='Hugging Face cache for --model  [default: HF_HOME]', metavar='DIR',  type=str)
 @click.option('--image_size',    help='Model input size, a multiple of the patch size (0: dataset resolution rounded up)', metavar='INT', type=click.IntRange(min=0), default=224, show_default=True)
-@click.option('--batch',         help='Images per batch and process',                      metavar='INT',   type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--batch', '--batch-gpu', 'batch', help='Images per batch and process (--batch-gpu: the original\'s name)', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--cache',         help='Reuse the features in --features_path when they match (False: recompute and overwrite)', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--workers',       help='Data loading worker processes per process',         metavar='INT',   type=click.IntRange(min=0), default=2, show_default=True)
 @command_body()
 def main(opts):

@@ -82,6 +82,10 @@ def check_options(c):
         json.dump(c, f, indent=2)
 
 
+def _collage_path(c, name, batch_index):
+    return os.path.join(c.output_dir, 'collages', f'{name}_{batch_index:06d}.png')
+
+
 def generate(c):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     dtype = torch.float16 if device.type == 'cuda' else torch.float32
@@ -99,6 +103,9 @@ def generate(c):
         wanted = [folders['images']] + ([folders['upscaled']] if upscaler is not None else [])
         # Per-image generators: only the missing images of a batch are made, and they come out the same.
         indices = [i for i in batch if not all(os.path.isfile(image_path(f, i, subdirs=True)) for f in wanted)]
+        if not c.save_separate:  # only collages: a batch is done when its collages are there
+            collages = [_collage_path(c, name, b) for name in ('images', 'upscaled')[:len(wanted)]]
+            indices = [] if all(os.path.isfile(p) for p in collages) else list(batch)
         skipped += len(batch) - len(indices)
         if not indices:
             continue
@@ -116,11 +123,11 @@ def generate(c):
                 output_type='pt', generator=[torch.Generator(device).manual_seed(c.seed + i + UPSCALE_SEED_OFFSET)
                                              for i in indices], **kwargs).images
         for name, batch in outputs.items():
-            pixels = to_uint8(batch.float().cpu())  # [N, H, W, C]
-            for i, image in zip(indices, pixels):
-                save_png(image, image_path(folders[name], i, subdirs=True))
+            if c.save_separate:
+                for i, image in zip(indices, to_uint8(batch.float().cpu())):  # [N, H, W, C]
+                    save_png(image, image_path(folders[name], i, subdirs=True))
             if c.save_collage:
-                save_image_grid(batch.float().cpu(), os.path.join(c.output_dir, 'collages', f'{name}_{b:06d}.png'))
+                save_image_grid(batch.float().cpu(), _collage_path(c, name, b))
         done += n
     print(f'Generated {done} images ({skipped} already there) in {c.output_dir}')
 
@@ -133,6 +140,7 @@ def generate(c):
 @click.option('--num_images',         help='Number of images', metavar='INT', type=click.IntRange(min=1), default=50000, show_default=True)
 @click.option('--batch_resume_index', help='Start at this batch (earlier ones are skipped)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--save_collage',       help='Also save a grid per batch under collages/', is_flag=True)
+@click.option('--save_separate',      help='Save each image as its own PNG (False: only the collages, with --save_collage)', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--corruption_pattern', help='Pattern of the sampling mask', type=click.Choice(list(CORRUPTION_PATTERNS)), default='dust', show_default=True)
 @click.option('--corruption_probability', help='p of the sampling mask', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.8, show_default=True)
 @click.option('--delta_probability',  help='δ of the sampling mask', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
@@ -153,6 +161,8 @@ def main(**kwargs):
     c = dnnlib.EasyDict(kwargs)
     if c.empty_embeds is None:
         c.empty_embeds = os.path.join(c.output_dir, 'empty_embeds.pt')
+    if not c.save_separate and not c.save_collage:
+        raise click.UsageError('--save_separate=False keeps only the collages: add --save_collage, or nothing is saved')
     if c.batch_resume_index * c.batch_size >= c.num_images:
         raise click.ClickException(f'--batch_resume_index={c.batch_resume_index} starts past the last of '
                                    f'{c.num_images} images (batches of {c.batch_size})')

@@ -133,6 +133,8 @@ def build_config(opts, world_size=1):
         tensorboard=opts.tensorboard)
     if opts.wandb != 'off':
         c.wandb_kwargs = dnnlib.EasyDict(project='ambient_diffusion', name=opts.experiment_name)
+        if opts.get('wandb_id'):
+            c.wandb_kwargs.id = opts.wandb_id  # continue that wandb run (resume='allow')
     if opts.transfer is not None:
         c.transfer = opts.transfer
     return c
@@ -219,6 +221,7 @@ def _resolve_resume(resume):
 @click.option('--allow_data_change', help='Let --resume continue on other data than the run trained on', is_flag=True)
 @click.option('--wandb',        help='Weights & Biases logging',                                 type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True)
 @click.option('--tensorboard',  help='Write tensorboard event files', metavar='BOOL',            type=bool, default=False, show_default=True)
+@click.option('--wandb_id',     help='Continue this wandb run (its id) instead of starting a new one', metavar='STR', type=str)
 @click.option('--experiment_name', help='Run name: the run directory\'s suffix (like --desc) and the wandb run name', metavar='STR', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit',                         is_flag=True)
 def main(**kwargs):
@@ -245,6 +248,7 @@ def _refuse_ignored_options(opts, given):
     refuse_ignored(given, [
         ('experiment_name', opts.wandb == 'off' and opts.nosubdir, 'it names the run directory and the wandb run, '
          'and --nosubdir turns the first off; drop it or add --wandb=offline or online'),
+        ('wandb_id', opts.wandb == 'off', 'it names a wandb run to continue; add --wandb=offline or online'),
         ('gate', not opts.gated, '--gated=False builds plain convolutions; drop --gate or --gated=False'),
         ('mask_full_rgb', opts.corruption_pattern != 'dust', f'{opts.corruption_pattern} masks are shared by the '
          'channels already; it applies to --corruption_pattern=dust'),

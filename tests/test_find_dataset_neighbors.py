@@ -191,6 +191,9 @@ def test_cache_is_reused_and_recomputed_when_stale(models, tmp_path, monkeypatch
     os.remove(str(feat) + '.json')
     assert 'no readable' in invoke(args).output and os.path.isfile(str(feat) + '.json')
     assert calls.count('Dataset features') == 8 and len(read_rows(result_dir)) == 5
+    # The original's --cache=False recomputes even matching features; its --batch-gpu is --batch.
+    assert '--cache=False' in invoke(args + ['--cache=False', '--batch-gpu=2']).output
+    assert calls.count('Dataset features') == 9
 
 
 @pytest.mark.slow  # a dozen command runs: 3 s

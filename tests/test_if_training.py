@@ -147,6 +147,11 @@ def test_inference_is_batch_independent_resumable_and_upscales(tmp_path, trained
     assert np.abs(again.astype(int) - first.astype(int)).max() <= 1
     res = _infer(*common[:-1], 6, '--output_dir', tmp_path / 'b', check=False)
     assert res.exit_code != 0 and "--seed: 5 -> 6" in res.output
+    # The original's --save_separate: False keeps only the collages, and a rerun skips their batches.
+    _infer(*common, '--output_dir', tmp_path / 'c', '--batch_size', 3, '--save_collage', '--save_separate', False)
+    assert not os.path.exists(tmp_path / 'c' / 'images') and os.path.isfile(tmp_path / 'c' / 'collages' / 'images_000000.png')
+    assert 'Generated 0 images' in _infer(*common, '--output_dir', tmp_path / 'c', '--batch_size', 3, '--save_collage',
+                                          '--save_separate', False).output
 
 
 def test_command_line_errors(tmp_path, tiny_if, data16, monkeypatch):
@@ -179,6 +184,8 @@ def test_command_line_errors(tmp_path, tiny_if, data16, monkeypatch):
     assert '--pretrained_model_name_or_path' in error(if_inference, '--output_dir', tmp_path / 'gen',
         '--pretrained_model_name_or_path', tmp_path / 'missing-model')
     assert not (tmp_path / 'gen').exists()
+    assert '--save_collage' in error(if_inference, '--output_dir', out, '--pretrained_model_name_or_path', tiny_if,
+                                     '--save_separate', False)
     assert 'checkpoint not found' in error(if_inference, '--output_dir', out, '--pretrained_model_name_or_path', tiny_if,
         '--checkpoint_path', tmp_path / 'nope.pt')
 
