@@ -281,3 +281,39 @@ def test_plain_edm_needs_no_delta(tmp_path, data):
     assert options['dataset_kwargs']['delta_probability'] == 0
     rows = [json.loads(line) for line in open(tmp_path / 'run' / 'stats.jsonl')]
     assert all('Train/grad_norm' in row for row in rows)
+
+
+@pytest.mark.slow  # an IF fine-tuning run, sampling and a DINOv2 search: about 15 s
+def test_the_originals_if_and_neighbours_commands_run(tmp_path, tiny_if):
+    """The original README's IF fine-tuning, if_inference and find_dataset_neighbors commands, with paths changed,
+    sizes made tiny (resolution, batch, steps, image count) and the model given (the original loaded IF and
+    DINOv2 from their hubs)."""
+    import find_dataset_neighbors
+    import if_inference
+    import train_text_to_image
+    from test_find_dataset_neighbors import save_tiny_dinov2
+    data = write_edm_dataset(tmp_path / 'faces', random_images(8, 3, 16, seed=6))
+    out = tmp_path / 'if'
+    finetune = ['--resolution=16', '--center_crop', '--random_flip', '--train_batch_size=4',
+                '--gradient_accumulation_steps=1', '--max_train_steps=2', '--max_grad_norm=1.0', '--learning_rate=3e-6',
+                '--lr_scheduler=constant', '--lr_warmup_steps=0', f'--output_dir={out}', '--validation_prompts',
+                'person,', '--report_to=tensorboard', '--corruption_probability=0.5', '--delta_probability=0.1',
+                '--use_8bit_adam', '--allow_tf32', '--corruption_pattern=dust', f'--train_data_dir={data}',
+                '--empty_text', '--max_train_samples=3000', '--seed=0', '--pretrained_model_name_or_path', tiny_if]
+    result = CliRunner().invoke(train_text_to_image.main, finetune)
+    assert result.exit_code == 0, result.output
+    assert '--center_crop does nothing' in result.output and (out / 'state_dict_2.pt').is_file()
+
+    samples = tmp_path / 'samples'
+    result = CliRunner().invoke(if_inference.main, [f'--checkpoint_path={out / "state_dict_2.pt"}',
+        f'--output_dir={samples}', '--batch_size=4', '--corruption_probability=0.5',
+        '--pretrained_model_name_or_path', tiny_if, '--num_images=4', '--num_inference_steps=2'])
+    assert result.exit_code == 0, result.output
+    assert len(glob.glob(str(samples / 'images' / '*' / '*.png'))) == 4
+
+    model = save_tiny_dinov2(tmp_path / 'dinov2', seed=0)
+    result = CliRunner().invoke(find_dataset_neighbors.main, [f'--input_dir={samples / "images"}',
+        f'--output_dir={tmp_path / "neighbors"}', f'--data={data}', f'--features_path={tmp_path / "celeba_features.npy"}',
+        '--max_size=10000', '--model', model, '--image_size=32', '--workers=0'])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / 'neighbors' / 'summary.json').is_file()
