@@ -31,7 +31,7 @@ AMBIENT_PRECONDS = ('ambient', 'ambient_vp')
 DATA_KEYS = ('path', 'max_size', 'xflip', 'use_labels')  # what a resume may not change silently
 # --preset=original: the original code's network and objective (options given explicitly still win).
 ORIGINAL_PRESET = dict(gate='double_sigmoid', hidden_precond='original', cond_sigma_min=0.0, augment_set='edm',
-                       fixed_hat_mask=True)
+                       fixed_hat_mask=True, mask_geometry='original')
 MASK_AWARE_COND_SIGMA_MIN = 0.1  # about the 18th percentile of EDM's training σ (ln σ ~ N(-1.2, 1.2²))
 
 
@@ -101,6 +101,8 @@ def build_config(opts, world_size=1):
         delta_probability=delta_probability, mask_full_rgb=opts.mask_full_rgb,
         corruption_seed=opts.corruption_seed, hat_seed=opts.seed, fixed_hat_mask=opts.fixed_hat_mask,
         with_clean=opts.clean_diagnostics)
+    if opts.get('mask_geometry', 'ours') != 'ours':
+        c.dataset_kwargs.mask_geometry = opts.mask_geometry
     c.data_loader_kwargs = dnnlib.EasyDict(num_workers=opts.workers, pin_memory=torch.cuda.is_available())
     if opts.workers > 0:
         c.data_loader_kwargs.prefetch_factor = 2
@@ -173,6 +175,7 @@ def _resolve_resume(resume):
 @click.option('--corruption_probability', help='p: how much of each image is missing', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.4, show_default=True)
 @click.option('--delta_probability',      help='δ: further corruption of the observed pixels  [default: 0.1 for ambient losses, else 0]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
 @click.option('--mask_full_rgb',          help='One dust mask per pixel, shared by its channels', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--mask_geometry',          help='Box patterns: ours, or original (B of A\'s size for box, fixed_box short of the last row with δ an on/off switch, keep_patch sub-boxes short of the far edge)', type=click.Choice(['ours', 'original']), default='ours', show_default=True)
 @click.option('--fixed_hat_mask',         help='Fix the further corruption per image (original behaviour)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--corruption_seed',        help='Seed of the dataset corruption A', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--hidden_precond',         help='Preconditioning of pixels hidden from the network: mask_aware (per pixel, unit-variance targets) or original (the original code\'s)  [default: mask_aware]', type=click.Choice(['mask_aware', 'original']))
@@ -257,6 +260,7 @@ def _refuse_ignored_options(opts, given):
         ('desc', opts.nosubdir, 'it names the run subdirectory, which --nosubdir turns off'),
         ('desc', opts.experiment_name is not None, '--experiment_name names the run directory already; give one of them'),
         ('bench', opts.deterministic, '--deterministic=True turns cuDNN benchmarking off'),
+        ('mask_geometry', opts.corruption_pattern == 'dust', 'dust masks have no box geometry'),
     ])
 
 

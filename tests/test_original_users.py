@@ -317,3 +317,40 @@ def test_the_originals_if_and_neighbours_commands_run(tmp_path, tiny_if):
         '--max_size=10000', '--model', model, '--image_size=32', '--workers=0'])
     assert result.exit_code == 0, result.output
     assert (tmp_path / 'neighbors' / 'summary.json').is_file()
+
+
+def _rows_cols(mask):
+    """First and last observed row and column of each sample's mask [N, C, H, W]."""
+    rows, cols = mask.amax(1).amax(2) > 0, mask.amax(1).amax(1) > 0
+    first = lambda m: m.int().argmax(1)
+    last = lambda m: m.shape[1] - 1 - m.flip(1).int().argmax(1)
+    return first(rows), last(rows), first(cols), last(cols)
+
+
+def test_original_mask_geometry():
+    """--mask_geometry=original (set by --preset=original) draws the box patterns as the original did."""
+    from torch_utils.ambient_diffusion import MaskCorruption
+    gen = torch.Generator().manual_seed(0)
+    shape = [512, 1, 16, 16]
+    # box: B is a box of A's size (ceil(0.25·16) = 4), whatever δ; ours draws it from δ.
+    A = MaskCorruption('box', 0.25, 0.9).sample_mask(shape, gen)
+    hidden_by_B = lambda hat: (A - hat).flatten(1).sum(1)
+    assert (hidden_by_B(MaskCorruption('box', 0.25, 0.9, geometry='original').sample_hat_mask(A, gen)) <= 16).all()
+    assert (hidden_by_B(MaskCorruption('box', 0.25, 0.9).sample_hat_mask(A, gen)) > 16).any()
+    # fixed_box: A's box starts over {0..H-s-1}, so the last row and column are never hidden; δ only switches B on.
+    original = MaskCorruption('fixed_box', 0.25, 0.3, geometry='original')
+    A = original.sample_mask(shape, gen)
+    assert ((1 - A).flatten(1).sum(1) == 16).all() and (A[..., -1, :] == 1).all() and (A[..., :, -1] == 1).all()
+    assert (MaskCorruption('fixed_box', 0.25, 0.3).sample_mask(shape, gen)[..., -1, :] == 0).any()
+    hidden = (1 - original.sample_hat_mask(A, gen)).flatten(1).sum(1)
+    assert (hidden >= 16).all() and (hidden <= 32).all() and (hidden > 16).any()
+    assert torch.equal(MaskCorruption('fixed_box', 0.25, 0.0, geometry='original').sample_hat_mask(A, gen), A)
+    # keep_patch: s = 8, s' = 6; the sub-box starts over {0, 1} of A's box, never at 2 (ours: {0, 1, 2}).
+    for geometry, max_offset in (('original', 1), ('ours', 2)):
+        c = MaskCorruption('keep_patch', 0.5, 0.25, geometry=geometry)
+        A = c.sample_mask(shape, gen)
+        hat = c.sample_hat_mask(A, gen)
+        offsets = _rows_cols(hat)[0] - _rows_cols(A)[0]
+        assert offsets.max() == max_offset and offsets.min() == 0
+    assert MaskCorruption.from_dict(MaskCorruption('box', 0.2, 0.1, geometry='original').to_dict()).geometry == 'original'
+    assert 'geometry' not in MaskCorruption('box', 0.2, 0.1).to_dict()  # older records still compare equal

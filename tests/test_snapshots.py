@@ -225,7 +225,7 @@ def test_original_snapshot_reproduces_the_network(tmp_path, protocol, prefix):
     assert net.hidden_precond == 'original'  # the original's formulation, bit-exact
     assert info.format == 'original' and info.ambient and info.nimg == 100000 and info.kimg == 100
     assert info.corruption == dict(corruption_pattern='dust', corruption_probability=0.8, delta_probability=0.1,
-                                   mask_full_rgb=True)
+                                   mask_full_rgb=True, geometry='original')  # trained with the original's masks
     assert (info.label_dim, info.resolution, info.channels) == (0, 16, 3)
 
 

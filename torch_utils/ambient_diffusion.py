@@ -46,6 +46,7 @@ from torch_utils.misc import per_sample as _per_sample, rand as _rand, randint a
 from torch_utils.motion_blur import check_intensity, check_kernel_size, random_motion_kernels
 
 MASK_PATTERNS = ('dust', 'box', 'fixed_box', 'keep_patch')
+MASK_GEOMETRIES = ('ours', 'original')
 OPERATOR_NAMES = ('dust', 'random_inpainting', 'box_masking', 'averaging', 'blurring', 'compressed_sensing')
 BLUR_TYPES = ('gaussian', 'motion')
 
@@ -129,16 +130,18 @@ def box_mask(shape, size_fraction, generator=None, device=None):
     return (~box).float().expand(n, c, h, w).contiguous()
 
 
-def fixed_box_mask(shape, size_fraction, generator=None, device=None):
+def fixed_box_mask(shape, size_fraction, generator=None, device=None, original=False):
     """Mask that is 0 inside a box of side int(f·H) x int(f·W) lying fully inside the image.
 
-    The start is uniform over {0..H-s} inclusive, so the box can touch the last row and column.
+    The start is uniform over {0..H-s} inclusive, so the box can touch the last row and column; `original`: over
+    {0..H-s-1}, as the original drew it (the last row and column are never hidden when s < H).
     """
     n, c, h, w = _check_shape(shape)
     f = _check_probability('size_fraction', size_fraction)
     box_h, box_w = _floor_side(f, h), _floor_side(f, w)
-    top = _randint(h - box_h + 1, n, generator, device)
-    left = _randint(w - box_w + 1, n, generator, device)
+    end = 0 if original else 1
+    top = _randint(max(h - box_h + end, 1), n, generator, device)
+    left = _randint(max(w - box_w + end, 1), n, generator, device)
     return (~_box(h, w, top, left, box_h, box_w)).float().expand(n, c, h, w).contiguous()
 
 
@@ -179,11 +182,12 @@ def hat_fixed_box_mask(mask, delta_probability, generator=None):
     return mask * fixed_box_mask(mask.shape, delta_probability, generator, device=mask.device)
 
 
-def hat_keep_patch_mask(mask, delta_probability, generator=None):
+def hat_keep_patch_mask(mask, delta_probability, generator=None, original=False):
     """Ã keeps a random sub-box of A's kept box, of side max(1, int((1 - δ)·s)) per dimension.
 
     The kept box of each sample is read from `mask` (the bounding box of its observed pixels), and the
-    sub-box start is uniform over {0..s-s'} inclusive relative to it (δ = 0 gives Ã = A).
+    sub-box start is uniform over {0..s-s'} inclusive relative to it (δ = 0 gives Ã = A); `original`: over
+    {0..s-s'-1}, as the original drew it (where it crashed, s' = s, the start is 0).
     """
     mask = _check_mask(mask)
     delta = _check_probability('delta_probability', delta_probability)
@@ -199,6 +203,8 @@ def hat_keep_patch_mask(mask, delta_probability, generator=None):
     hat_w = ((1 - delta) * side_w.double() + 1e-9).floor().long().clamp_min(1)
     u = _rand((n, 2), generator, mask.device).double()                                   # [N, 2]
     span_h, span_w = side_h - hat_h, side_w - hat_w
+    if original:
+        span_h, span_w = (span_h - 1).clamp_min(0), (span_w - 1).clamp_min(0)
     off_h = torch.minimum((u[:, 0] * (span_h + 1)).floor().long(), span_h)
     off_w = torch.minimum((u[:, 1] * (span_w + 1)).floor().long(), span_w)
     sub = _box(h, w, top + off_h, left + off_w, hat_h, hat_w).float()
@@ -210,9 +216,15 @@ def hat_keep_patch_mask(mask, delta_probability, generator=None):
 class MaskCorruption:
     """A dataset corruption A (mask) and its further corruption Ã = A ⊙ B (Daras et al. 2023, Sec. 3)."""
 
-    def __init__(self, pattern='dust', corruption_probability=0.0, delta_probability=0.0, mask_full_rgb=False):
+    def __init__(self, pattern='dust', corruption_probability=0.0, delta_probability=0.0, mask_full_rgb=False,
+                 geometry='ours'):
         if pattern not in MASK_PATTERNS:
             raise ValueError(f'pattern={pattern!r} is unknown; pass one of {", ".join(MASK_PATTERNS)}')
+        if geometry not in MASK_GEOMETRIES:
+            raise ValueError(f'geometry={geometry!r} is unknown; pass one of {", ".join(MASK_GEOMETRIES)}')
+        # 'original': the box patterns as the original drew them (the table above): box B of A's size, fixed_box
+        # starts short of the last row and δ only switches B on, keep_patch sub-boxes short of the far edge.
+        self.geometry = geometry
         self.pattern = pattern
         self.corruption_probability = _check_probability('corruption_probability', corruption_probability)
         self.delta_probability = _check_probability('delta_probability', delta_probability)
@@ -226,7 +238,7 @@ class MaskCorruption:
         if self.pattern == 'box':
             return box_mask(shape, p, generator, device)
         if self.pattern == 'fixed_box':
-            return fixed_box_mask(shape, p, generator, device)
+            return fixed_box_mask(shape, p, generator, device, original=self.geometry == 'original')
         _, _, h, w = _check_shape(shape)
         side_h, side_w = _floor_side(1 - p, h), _floor_side(1 - p, w)
         if side_h < 1 or side_w < 1:
@@ -237,14 +249,18 @@ class MaskCorruption:
 
     def sample_hat_mask(self, mask, generator=None):
         """Draw B and return Ã = A ⊙ B for the given A (on A's device)."""
-        delta = self.delta_probability
+        delta, original = self.delta_probability, self.geometry == 'original'
         if self.pattern == 'dust':
             return hat_dust_mask(mask, delta, self.mask_full_rgb, generator)
         if self.pattern == 'box':
-            return hat_box_mask(mask, delta, generator)
+            return hat_box_mask(mask, self.corruption_probability if original else delta, generator)
         if self.pattern == 'fixed_box':
+            if original:  # a second box of A's size, when δ > 0
+                mask = _check_mask(mask)
+                return mask * fixed_box_mask(mask.shape, self.corruption_probability, generator, mask.device,
+                                             original=True) if delta > 0 else mask.clone()
             return hat_fixed_box_mask(mask, delta, generator)
-        return hat_keep_patch_mask(mask, delta, generator)
+        return hat_keep_patch_mask(mask, delta, generator, original=original)
 
     def sample_sampling_mask(self, shape, generator=None, device=None):
         """Draw a mask distributed like Ã (A, then Ã from it), e.g. the fixed mask of the ambient sampler."""
@@ -258,12 +274,15 @@ class MaskCorruption:
         return (1 - self.corruption_probability) * (1 - self.delta_probability)
 
     def to_dict(self):
-        return dict(pattern=self.pattern, corruption_probability=self.corruption_probability,
-                    delta_probability=self.delta_probability, mask_full_rgb=self.mask_full_rgb)
+        d = dict(pattern=self.pattern, corruption_probability=self.corruption_probability,
+                 delta_probability=self.delta_probability, mask_full_rgb=self.mask_full_rgb)
+        if self.geometry != 'ours':  # recorded only when it differs, so older records still compare equal
+            d['geometry'] = self.geometry
+        return d
 
     @classmethod
     def from_dict(cls, d):
-        keys = ('pattern', 'corruption_probability', 'delta_probability', 'mask_full_rgb')
+        keys = ('pattern', 'corruption_probability', 'delta_probability', 'mask_full_rgb', 'geometry')
         unknown = sorted(set(d) - set(keys))
         if unknown:
             raise ValueError(f'unknown MaskCorruption keys {unknown}; valid keys are {", ".join(keys)}')

@@ -249,4 +249,5 @@ def sampling_corruption(info, opts):
     if missing:
         raise click.ClickException(f'{info.path} does not record its corruption; pass --{", --".join(missing)}')
     return MaskCorruption(pattern=cfg['corruption_pattern'], corruption_probability=cfg['corruption_probability'],
-                          delta_probability=cfg['delta_probability'], mask_full_rgb=cfg.get('mask_full_rgb', False))
+                          delta_probability=cfg['delta_probability'], mask_full_rgb=cfg.get('mask_full_rgb', False),
+                          geometry=cfg.get('geometry', 'ours'))

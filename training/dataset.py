@@ -52,6 +52,7 @@ class Dataset(torch.utils.data.Dataset):
         corruption_probability = 0.0,   # p: how much of each image A hides.
         delta_probability   = 0.0,      # δ: how much of A the further corruption B hides.
         mask_full_rgb       = False,    # Share dust masks over channels.
+        mask_geometry       = 'ours',   # 'original': box patterns as the original drew them (MaskCorruption).
         corruption_seed     = 0,        # Seed of the dataset's masks A (the corrupted dataset itself).
         hat_seed            = 0,        # Seed of the further corruption B (the training seed).
         fixed_hat_mask      = False,    # One fixed B per image instead of a fresh one per draw.
@@ -73,7 +74,7 @@ class Dataset(torch.utils.data.Dataset):
         self.mode = mode
         self.normalize = normalize
         self.corruption = MaskCorruption(pattern=corruption_pattern, corruption_probability=corruption_probability,
-            delta_probability=delta_probability, mask_full_rgb=mask_full_rgb)
+            delta_probability=delta_probability, mask_full_rgb=mask_full_rgb, geometry=mask_geometry)
         self.corruption_seed = int(corruption_seed)
         self.hat_seed = int(hat_seed)
         self.fixed_hat_mask = bool(fixed_hat_mask)

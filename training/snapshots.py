@@ -270,7 +270,7 @@ def _info(**kwargs):
 
 
 def _corruption_info(kwargs, pattern_key):
-    keys = ('corruption_probability', 'delta_probability', 'mask_full_rgb')
+    keys = ('corruption_probability', 'delta_probability', 'mask_full_rgb', 'geometry')
     if kwargs is None or pattern_key not in kwargs:
         return None
     return dict(corruption_pattern=kwargs[pattern_key], **{k: kwargs[k] for k in keys if k in kwargs})
@@ -366,7 +366,8 @@ def _load_original(tensors, pickled_dataset_kwargs, training_options, path):
         raise ValueError(f'training_options.json: network_kwargs do not fit our {kw["class_name"]}: {err}') from None
     strict_load(net, sd, path)
     info = _info(format='original', ambient=True, label_dim=kw['label_dim'], resolution=kw['img_resolution'],
-                 channels=kw['img_channels'] // 2, corruption=_corruption_info(dataset_kwargs, 'corruption_pattern'),
+                 channels=kw['img_channels'] // 2,
+                 corruption=_corruption_info(dict(dataset_kwargs, geometry='original'), 'corruption_pattern'),
                  network_kwargs=kw)
     return net, info
 
