@@ -332,7 +332,7 @@ def train_micro_batch(c, run, batch, step, micro):
         clean = batch['image'] if c.clean_diagnostics else None
         with accelerator.autocast():
             loss, stats, pics = ambient_if.ambient_if_step(run.unet, run.scheduler, batch['image'], mask, hat,
-                embeds.float(), generator=generator, noise_offset=c.noise_offset, clean=clean)
+                embeds.float(), generator=generator, noise_offset=c.noise_offset, clean=clean, snr_gamma=c.snr_gamma)
         accelerator.backward(loss)
         if accelerator.sync_gradients and c.max_grad_norm > 0:
             accelerator.clip_grad_norm_(run.unet.parameters(), c.max_grad_norm)
@@ -367,7 +367,10 @@ def save_and_validate(c, run, step, done):
     if main and (step % c.state_dict_steps == 0 or done):
         atomic_torch_save(ema_weights(accelerator.unwrap_model(run.unet), run.ema),
                           os.path.join(c.output_dir, f'state_dict_{step}.pt'))
-    if main and run.validation_embeds is not None and (step % c.validation_steps == 0 or done):
+    epoch_end = step % run.updates_per_epoch == 0
+    due = step % c.validation_steps == 0 or done or (
+        c.validation_epochs is not None and epoch_end and (step // run.updates_per_epoch) % c.validation_epochs == 0)
+    if main and run.validation_embeds is not None and due:
         run_validation(c, accelerator, run.unet, run.ema, run.validation_scheduler, run.validation_embeds, step)
 
 
@@ -495,6 +498,8 @@ def train(c):
 @click.option('--resume_from_checkpoint', help='checkpoint-<step> folder, or "latest" in --output_dir', metavar='DIR|latest', type=str)
 @click.option('--state_dict_steps',   help='Save state_dict_{step}.pt every N optimizer steps', metavar='INT', type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--validation_prompts', help='Comma-separated prompts sampled at validation (empty entries: the empty prompt)', metavar='STR', type=str)
+@click.option('--validation_epochs',  help='Also validate at the end of every N epochs', metavar='INT', type=click.IntRange(min=1))
+@click.option('--snr_gamma',          help='Min-SNR weighting (Hang et al. 2023): each sample\'s loss on x̂0 times min(SNR_t, γ)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--validation_steps',   help='Validate every N optimizer steps', metavar='INT', type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--validation_inference_steps', help='DDPM steps of validation sampling', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--report_to',          help='Tracker', type=click.Choice(['tensorboard', 'wandb', 'all', 'none']), default='tensorboard', show_default=True)
@@ -513,6 +518,8 @@ def main(**kwargs):
             print('Note: --center_crop does nothing for --train_data_dir datasets, which are square already '
                   '(dataset_tool.py --transform=center-crop crops them); going on without it')
             c.center_crop = False
+    refuse_ignored(given_options(), [(name, not c.validation_prompts, 'there is no validation without --validation_prompts')
+                                     for name in ('validation_epochs', 'validation_steps')])
     if c.empty_embeds is None:
         c.empty_embeds = os.path.join(c.output_dir, 'empty_embeds.pt')
     c.validation_prompts = [p.strip() for p in c.validation_prompts.split(',')] if c.validation_prompts else []

@@ -135,3 +135,23 @@ def test_missing_models_and_files_are_one_line_errors(tmp_path):
     assert '--empty_embeds' in str(err.value) and '\n' not in str(err.value)
     with pytest.raises(ModelLoadError, match='no text encoder'):
         empty_prompt_embeds(str(tmp_path / 'e.pt'), None)
+
+
+def test_min_snr_weighting_of_the_x0_loss():
+    """--snr_gamma: each sample's x0 loss times min(SNR_t, γ), SNR = ᾱ/(1 − ᾱ) (float64 reference); the diagnostics
+    stay unweighted; no weights is the plain loss."""
+    from training.ambient_if import ambient_if_loss, min_snr_weights
+    gen = torch.Generator().manual_seed(0)
+    alpha = torch.tensor([0.99, 0.5, 0.01])
+    gamma = 5.0
+    snr = alpha.double() / (1 - alpha.double())
+    torch.testing.assert_close(min_snr_weights(alpha, gamma).double(), snr.clamp(max=gamma), rtol=1e-6, atol=0)
+    x0_hat, x0 = torch.randn(3, 3, 4, 4, generator=gen), torch.randn(3, 3, 4, 4, generator=gen)
+    mask = (torch.rand(3, 3, 4, 4, generator=gen) > 0.3).float()
+    hat = mask * (torch.rand(3, 3, 4, 4, generator=gen) > 0.2).float()
+    plain, stats = ambient_if_loss(x0_hat, x0, mask, hat)
+    weighted, weighted_stats = ambient_if_loss(x0_hat, x0, mask, hat, weights=min_snr_weights(alpha, gamma))
+    per_sample = (mask * (x0_hat - x0)).double().square().flatten(1).mean(1)
+    torch.testing.assert_close(weighted.double(), (snr.clamp(max=gamma) * per_sample).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(plain.double(), per_sample.mean(), rtol=1e-5, atol=0)
+    assert torch.equal(stats['loss'], weighted_stats['loss'])

@@ -303,6 +303,13 @@ def test_the_originals_if_and_neighbours_commands_run(tmp_path, tiny_if):
     result = CliRunner().invoke(train_text_to_image.main, finetune)
     assert result.exit_code == 0, result.output
     assert '--center_crop does nothing' in result.output and (out / 'state_dict_2.pt').is_file()
+    # The original's --snr_gamma and --validation_epochs (dead there) work: 8 images (16 with flips) in batches
+    # of 4 make 4 steps per epoch, so epoch 1 ends at step 4 and validates there, besides the end (step 6).
+    args = [a for a in finetune if not a.startswith(('--output_dir', '--max_train_steps'))]
+    result = CliRunner().invoke(train_text_to_image.main, args + [f'--output_dir={tmp_path / "snr"}', '--max_train_steps=6',
+                                                                  '--snr_gamma=5', '--validation_epochs=1'])
+    assert result.exit_code == 0, result.output
+    assert {'validation_000004.png', 'validation_000006.png'} <= set(os.listdir(tmp_path / 'snr' / 'artifacts'))
 
     samples = tmp_path / 'samples'
     result = CliRunner().invoke(if_inference.main, [f'--checkpoint_path={out / "state_dict_2.pt"}',

@@ -51,18 +51,26 @@ def _masked_mse(diff, weight):
     return (weight * diff.square()).sum() / weight.sum().clamp(min=1)
 
 
-def ambient_if_loss(x0_hat, x0, mask, hat_mask, clean=None):
+def min_snr_weights(alpha_prod_t, snr_gamma):
+    """Min-SNR-γ weights of an x0 loss (Hang et al. 2023): min(SNR_t, γ), SNR_t = ᾱ_t/(1 − ᾱ_t); [N]."""
+    alpha_prod_t = torch.as_tensor(alpha_prod_t, dtype=torch.float32)
+    return (alpha_prod_t / (1 - alpha_prod_t)).clamp(max=snr_gamma)
+
+
+def ambient_if_loss(x0_hat, x0, mask, hat_mask, clean=None, weights=None):
     """Ambient IF loss (Daras et al. 2023, Sec. 5.2) and its diagnostics.
 
     x0_hat: the mixed prediction [N, C, H, W]; x0: the observation A ⊙ x0; mask: A; hat_mask: Ã = A ⊙ B;
     clean: the clean images, only for evaluation diagnostics. Returns (loss to optimise, dict of detached
     diagnostics): `loss` (the same value), `loss_hat` (pixels in A but not in Ã: what the model must infer),
-    and with `clean`, `loss_all` and `loss_unobserved` (pixels outside A).
+    and with `clean`, `loss_all` and `loss_unobserved` (pixels outside A). `weights` [N]: per-sample loss weights
+    (e.g. `min_snr_weights`); the diagnostics stay unweighted.
     """
     x0_hat = x0_hat.float()
-    loss = (mask * (x0_hat - x0)).square().mean()
+    squared = (mask * (x0_hat - x0)).square()
+    loss = (squared if weights is None else _per_sample(weights, squared) * squared).mean()
     with torch.no_grad():
-        stats = dict(loss=loss.detach(), loss_hat=_masked_mse(x0_hat - x0, mask * (1 - hat_mask)))
+        stats = dict(loss=squared.mean(), loss_hat=_masked_mse(x0_hat - x0, mask * (1 - hat_mask)))
         if clean is not None:
             stats['loss_all'] = (x0_hat - clean).square().mean()
             stats['loss_unobserved'] = _masked_mse(x0_hat - clean, 1 - mask)
@@ -70,7 +78,7 @@ def ambient_if_loss(x0_hat, x0, mask, hat_mask, clean=None):
 
 
 def ambient_if_step(unet, scheduler, x0, mask, hat_mask, encoder_hidden_states, generator=None,
-                    noise_offset=0.0, clean=None):
+                    noise_offset=0.0, clean=None, snr_gamma=None):
     """One forward pass of ambient IF training: returns (loss, diagnostics, tensors for pictures).
 
     x0 is the observation A ⊙ x0 in [-1, 1]; pixels outside A never reach the UNet input or the loss.
@@ -91,7 +99,8 @@ def ambient_if_step(unet, scheduler, x0, mask, hat_mask, encoder_hidden_states, 
     eps = output[:, :c].float()
     alpha_prod_t = scheduler.alphas_cumprod.to(x0.device)[timesteps]
     x0_hat = mixed_x0(x_t, eps, hat_mask, alpha_prod_t)
-    loss, stats = ambient_if_loss(x0_hat, x0, mask, hat_mask, clean)
+    weights = min_snr_weights(alpha_prod_t, snr_gamma) if snr_gamma is not None else None
+    loss, stats = ambient_if_loss(x0_hat, x0, mask, hat_mask, clean, weights)
     return loss, stats, dict(noisy_input=x_t.detach(), prediction=x0_hat.detach(), timesteps=timesteps)
 
 #----------------------------------------------------------------------------
