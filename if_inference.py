@@ -38,12 +38,13 @@ IMAGE_OPTIONS = ('pretrained_model_name_or_path', 'checkpoint_path', 'corruption
 
 def prompt_embeddings(c, device):
     """(prompt embeddings [1, L, D], negative = empty-prompt embeddings [1, L, D]) on `device`."""
-    empty = ambient_if.empty_prompt_embeds(c.empty_embeds, c.pretrained_model_name_or_path, c.cache_dir, device)
+    empty = ambient_if.empty_prompt_embeds(c.empty_embeds, c.pretrained_model_name_or_path, c.cache_dir, device,
+                                           in_8bit=c.text_encoder_8bit)
     if not c.prompt:
         return empty.to(device), empty.to(device)
     tokenizer, encoder = ambient_if.load_text_encoder(c.pretrained_model_name_or_path, c.cache_dir,
-                                                      dtype=ambient_if.text_encoder_dtype(device))
-    embeds = ambient_if.encode_prompts(tokenizer, encoder.to(device), [c.prompt]).float()
+                                                      dtype=ambient_if.text_encoder_dtype(device), in_8bit=c.text_encoder_8bit)
+    embeds = ambient_if.encode_prompts(tokenizer, encoder if c.text_encoder_8bit else encoder.to(device), [c.prompt]).float()
     return embeds, empty.to(device)
 
 
@@ -139,6 +140,7 @@ def generate(c):
 @click.option('--batch_size',         help='Images per pipeline call', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
 @click.option('--num_images',         help='Number of images', metavar='INT', type=click.IntRange(min=1), default=50000, show_default=True)
 @click.option('--batch_resume_index', help='Start at this batch (earlier ones are skipped)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--text_encoder_8bit',  help='Load T5 in 8 bits (bitsandbytes; CUDA only), as the original did', is_flag=True)
 @click.option('--save_collage',       help='Also save a grid per batch under collages/', is_flag=True)
 @click.option('--save_separate',      help='Save each image as its own PNG (False: only the collages, with --save_collage)', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--corruption_pattern', help='Pattern of the sampling mask', type=click.Choice(list(CORRUPTION_PATTERNS)), default='dust', show_default=True)

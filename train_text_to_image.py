@@ -256,14 +256,15 @@ def load_text_conditioning(c, accelerator, unet):
     accelerator.wait_for_everyone()
     if not main:
         empty = ambient_if.empty_prompt_embeds(c.empty_embeds, c.pretrained_model_name_or_path, c.cache_dir,
-                                               device=accelerator.device)
+                                               device=accelerator.device, in_8bit=c.text_encoder_8bit)
     ambient_if.check_embeds(empty, unet, c.empty_embeds)
     empty = empty.to(accelerator.device)
     validation_embeds = None
     if captions or any(p for p in c.validation_prompts):
         tokenizer, encoder = ambient_if.load_text_encoder(c.pretrained_model_name_or_path, c.cache_dir,
-                                                          dtype=ambient_if.text_encoder_dtype(accelerator.device))
-        encoder.to(accelerator.device)
+            dtype=ambient_if.text_encoder_dtype(accelerator.device), in_8bit=c.text_encoder_8bit)
+        if not c.text_encoder_8bit:  # an 8-bit model is placed on the GPU when it loads
+            encoder.to(accelerator.device)
     if c.validation_prompts:
         validation_embeds = torch.cat([empty if not p else ambient_if.encode_prompts(tokenizer, encoder, [p]).float()
                                        for p in c.validation_prompts])
@@ -480,6 +481,7 @@ def train(c):
 @click.option('--scale_lr',           help='Multiply the LR by accumulation x batch x processes', is_flag=True)
 @click.option('--lr_scheduler',       help='LR schedule', type=click.Choice(LR_SCHEDULERS), default='constant', show_default=True)
 @click.option('--lr_warmup_steps',    help='LR warm-up in optimizer steps', metavar='INT', type=click.IntRange(min=0), default=500, show_default=True)
+@click.option('--text_encoder_8bit',  help='Load T5 in 8 bits (bitsandbytes; CUDA only), as the original did', is_flag=True)
 @click.option('--use_8bit_adam',      help='8-bit AdamW from bitsandbytes', is_flag=True)
 @click.option('--allow_tf32',         help='Allow TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)', is_flag=True)
 @click.option('--use_ema',            help='Keep an EMA of the UNet; state dicts hold the EMA weights', is_flag=True)

@@ -186,6 +186,9 @@ def test_command_line_errors(tmp_path, tiny_if, data16, monkeypatch):
     assert not (tmp_path / 'gen').exists()
     assert '--validation_epochs has no effect' in error(train_text_to_image, '--train_data_dir', data16, '--output_dir',
                                                         out, '--validation_epochs', 1)
+    if not torch.cuda.is_available():
+        assert 'needs a CUDA device' in error(if_inference, '--output_dir', tmp_path / 'gen8', '--pretrained_model_name_or_path',
+                                              tiny_if, '--text_encoder_8bit')
     assert '--save_collage' in error(if_inference, '--output_dir', out, '--pretrained_model_name_or_path', tiny_if,
                                      '--save_separate', False)
     assert 'checkpoint not found' in error(if_inference, '--output_dir', out, '--pretrained_model_name_or_path', tiny_if,

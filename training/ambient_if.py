@@ -130,13 +130,20 @@ def load_scheduler(model, cache_dir=None, option='--pretrained_model_name_or_pat
     return load_component('scheduler', DDPMScheduler.from_pretrained, model, option, 'scheduler', cache_dir=cache_dir)
 
 
-def load_text_encoder(model, cache_dir=None, dtype=None, option='--pretrained_model_name_or_path'):
-    """(tokenizer, T5 encoder) of an IF model directory or hub id."""
+def load_text_encoder(model, cache_dir=None, dtype=None, option='--pretrained_model_name_or_path', in_8bit=False):
+    """(tokenizer, T5 encoder) of an IF model directory or hub id. `in_8bit`: the encoder's linear layers in 8 bits
+    (bitsandbytes, as the original loaded T5-XXL), placed on the GPU; it needs CUDA."""
     from transformers import AutoTokenizer, T5EncoderModel
     tokenizer = load_component('tokenizer', AutoTokenizer.from_pretrained, model, option, 'tokenizer', cache_dir=cache_dir)
     kwargs = dict(cache_dir=cache_dir)
     if dtype is not None:
         kwargs['dtype'] = dtype
+    if in_8bit:
+        if not torch.cuda.is_available():
+            raise ModelLoadError('--text_encoder_8bit needs a CUDA device (bitsandbytes\' 8-bit matmuls); drop it on '
+                                 'a CPU, where T5 loads in float32')
+        from transformers import BitsAndBytesConfig
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map='auto')
     encoder = load_component('text encoder', T5EncoderModel.from_pretrained, model, option, 'text_encoder', **kwargs)
     return tokenizer, encoder.eval().requires_grad_(False)
 
@@ -158,7 +165,7 @@ def text_encoder_dtype(device):
     return torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def empty_prompt_embeds(path, model=None, cache_dir=None, device=None, option='--empty_embeds'):
+def empty_prompt_embeds(path, model=None, cache_dir=None, device=None, option='--empty_embeds', in_8bit=False):
     """The T5 embedding of the empty prompt [1, L, D] (float32, CPU).
 
     A file at `path` is used as is; otherwise the embedding is computed with `model`'s text encoder, written to
@@ -178,11 +185,11 @@ def empty_prompt_embeds(path, model=None, cache_dir=None, device=None, option='-
         raise ModelLoadError(f'no empty-prompt embedding at {path} and no text encoder to compute it: pass an '
                              f'existing file with {option}')
     try:
-        tokenizer, encoder = load_text_encoder(model, cache_dir, dtype=text_encoder_dtype(device))
+        tokenizer, encoder = load_text_encoder(model, cache_dir, dtype=text_encoder_dtype(device), in_8bit=in_8bit)
     except ModelLoadError as err:
         raise ModelLoadError(f'no empty-prompt embedding at {path}, and {err}; or pass an existing embedding file '
                              f'with {option}') from None
-    embeds = encode_prompts(tokenizer, encoder.to(device or 'cpu'), ['']).float().cpu()
+    embeds = encode_prompts(tokenizer, encoder if in_8bit else encoder.to(device or 'cpu'), ['']).float().cpu()
     del tokenizer, encoder
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
