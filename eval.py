@@ -31,52 +31,11 @@ from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
 from training import metrics, samplers, snapshots
 from training.dataset import ImageFolderDataset
-from training.cli import (SIGMA_RANGE, sigma_range_check, check_output_dir, check_output_file, check_subset_seed, claim_output_dir, command_body, detector_options, file_digest, image_path,
-                          given_options, guidance_rules, network_options, refuse_ignored, sampler_options, sampling_corruption, sampling_mask_options, score_options)
+from training.cli import (SIGMA_RANGE, check_output_dir, check_output_file, check_subset_seed, claim_output_dir,
+                          command_body, detector_options, file_digest, given_options, guidance_rules, image_path,
+                          load_detector, network_options, refuse_ignored, sampler_options, sampling_corruption,
+                          sampling_mask_options, score_images, score_options, sigma_range_check)
 from training.snapshots import kimg_tag
-
-WANDB_PROJECT = 'ambient_diffusion'
-
-
-def load_detector(opts):
-    """The detector named by `opts.detector`, on this process's device; rank 0 fetches it first."""
-    dist.print0(f'Loading detector {opts.detector} ...')
-    with dist.rank0_first():
-        return metrics.load_detector(opts.detector, device=dist.device(), allow_unsafe_pickle=opts.allow_unsafe_pickle)
-
-
-def score_images(images, opts, extra=None, detector=None):
-    """FID and IS of the images in `images` against `opts.ref`; prints them and, on rank 0, appends a line to
-    `{opts.outdir}/metrics.jsonl` (and logs to wandb). `extra` is merged into that line. Returns the line."""
-    ref = metrics.load_stats(opts.ref)
-    detector = detector or load_detector(opts)
-    dist.print0(f'Computing statistics of {opts.num} images in {images} ...')
-    stats = metrics.calculate_inception_stats(images, detector, num_expected=opts.num, seed=opts.seed,
-        max_batch_size=opts.batch, device=dist.device(), num_workers=opts.workers)
-    if stats.mu.shape != ref['mu'].shape:
-        raise ValueError(f'{opts.ref} holds {ref["mu"].shape[0]}-d statistics but {opts.detector} gives '
-                         f'{stats.mu.shape[0]}-d features; make the reference with the same detector')
-    fid = metrics.calculate_fid(stats.mu, stats.sigma, ref['mu'], ref['sigma'])
-    record = dict(fid=fid, inception_score=stats.inception_score, inception_score_std=stats.inception_score_std,
-        inception_score_original=stats.inception_score_original, is_num_splits=stats.is_num_splits,
-        num_images=stats.num_images, images=os.path.abspath(images), ref=opts.ref, detector=opts.detector,
-        seed=opts.seed, batch=opts.batch, world_size=dist.get_world_size(), **(extra or {}), timestamp=time.time())
-    dist.print0(f'FID: {fid:.4f}')
-    dist.print0(f'IS:  {stats.inception_score:.4f} ± {stats.inception_score_std:.4f} ({stats.is_num_splits} splits)')
-    dist.print0(f'IS:  {stats.inception_score_original:.4f} (single split, as the original eval.py)')
-    if dist.get_rank() == 0:
-        outdir = opts.outdir or os.path.dirname(os.path.abspath(images.rstrip('/\\')))
-        os.makedirs(outdir, exist_ok=True)
-        with open(os.path.join(outdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
-            f.write(json.dumps(record) + '\n')
-        if opts.wandb != 'off':
-            import wandb
-            run = wandb.init(mode=opts.wandb, project=WANDB_PROJECT, dir=outdir, job_type='eval', config=dict(opts),
-                             name=opts.get('experiment_name'), id=opts.get('wandb_id') or None, resume='allow')
-            run.log({key: record[key] for key in ('fid', 'inception_score', 'inception_score_std', 'inception_score_original')})
-            run.finish()
-    return record
-
 
 # ---------------------------------------------------------------------------------------------
 # Generation.

@@ -32,7 +32,7 @@ from torch_utils import distributed as dist
 from torch_utils.ambient_diffusion import gaussian_kernel, get_operator
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
-from training import cli, samplers, snapshots
+from training import cli, metrics, samplers, snapshots
 from training.dataset import ImageFolderDataset
 from training.snapshots import kimg_tag
 
@@ -47,7 +47,7 @@ OUTPUT_OPTIONS = ('corruption_pattern', 'operator_corruption_probability', 'oper
                   'blur_type', 'kernel_size', 'kernel_std', 'intensity', 'num_measurements', 'dps_scale', 'norm',
                   'corruption_probability', 'delta_probability', 'mask_full_rgb', 'steps', 'sigma_min', 'sigma_max',
                   'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'solver', 'num_masks', 'guidance_scale', 'clipping',
-                  'guidance_units')
+                  'guidance_units', 'subdirs', 'class_idx')
 
 # ---------------------------------------------------------------------------------------------
 # Image quality.
@@ -133,7 +133,8 @@ def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None)
         guidance_scale=opts.guidance_scale, clipping=opts.clipping, guidance_units=opts.guidance_units)
     if info.ambient:
         sampler_kwargs.update(corruption=corruption, num_masks=opts.num_masks)
-    todo = [s for s in seeds if not os.path.isfile(cli.image_path(os.path.join(outdir, 'reconstruction'), s))]
+    subdirs = opts.get('subdirs', False)
+    todo = [s for s in seeds if not os.path.isfile(cli.image_path(os.path.join(outdir, 'reconstruction'), s, subdirs))]
     num_batches = max((len(todo) - 1) // (opts.batch * world_size) + 1, 1) * world_size
     rank_batches = np.array_split(np.array(todo, dtype=np.int64), num_batches)[rank::world_size]
     dist.print0(f'Solving {len(todo)} of {len(seeds)} images to "{outdir}" ({len(seeds) - len(todo)} already there)...')
@@ -146,6 +147,7 @@ def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None)
         y, params = samplers.measure(operator, x0, batch_seeds)
         start = time.time()
         x_hat = samplers.solve_batch(net, operator, y, params, batch_seeds, opts.dps_scale, norm=opts.norm,
+                                     class_labels=opts.get('class_idx'),
                                      device=device, **sampler_kwargs)
         seconds = (time.time() - start) / len(batch_seeds)
         baseline = operator.naive_inverse(y, params).clamp(-1, 1)
@@ -163,27 +165,27 @@ def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None)
         for kind in ('ref', 'measurement', 'baseline'):
             if kind in images:
                 for seed, image in zip(batch_seeds, to_uint8(images[kind])):
-                    save_png(image, _path(outdir, kind, seed))
+                    save_png(image, _path(outdir, kind, seed, subdirs))
         with open(os.path.join(outdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
             f.write(''.join(lines))
         for seed, image in zip(batch_seeds, to_uint8(x_hat)):
-            save_png(image, _path(outdir, 'reconstruction', seed))
+            save_png(image, _path(outdir, 'reconstruction', seed, subdirs))
         count += len(batch_seeds)
         dist.print0(f'seeds {batch_seeds[0]}..{batch_seeds[-1]}: {seconds:.2f} s/image')
     dist.barrier()
     return count
 
 
-def _path(outdir, kind, seed):
-    path = cli.image_path(os.path.join(outdir, kind), seed)
+def _path(outdir, kind, seed, subdirs=False):
+    path = cli.image_path(os.path.join(outdir, kind), seed, subdirs)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
 
 
-def save_grids(outdir, seeds):
+def save_grids(outdir, seeds, subdirs=False):
     """`{outdir}/grid-{kind}.png`: the first 64 seeds of each kind, 8 per row."""
     for kind in KINDS:
-        paths = [cli.image_path(os.path.join(outdir, kind), s) for s in seeds[:64]]
+        paths = [cli.image_path(os.path.join(outdir, kind), s, subdirs) for s in seeds[:64]]
         paths = [p for p in paths if os.path.isfile(p)]
         if paths:
             grid = np.stack([np.array(PIL.Image.open(p)) for p in paths])
@@ -219,6 +221,9 @@ def solve(opts):
     """Run every requested snapshot; returns {snapshot path: summary}."""
     pattern = opts.corruption_pattern
     cli.refuse_ignored(cli.given_options(), cli.guidance_rules(opts) + [
+        ('num', opts.ref is None, 'it is the number of images --ref scores'),
+        ('seed', opts.ref is None, 'it picks the subset --ref scores'),
+        ('detector', opts.ref is None, 'it scores the images for --ref')] + [
         (name, pattern not in users, f'--corruption_pattern={pattern} does not use it')
         for name, users in OPERATOR_OPTIONS.items()] + [
         ('kernel_std', opts.blur_type != 'gaussian', f'--blur_type={opts.blur_type} does not use it'),
@@ -234,6 +239,8 @@ def solve(opts):
         tag = kimg_tag(info.nimg) if info.nimg is not None else os.path.splitext(os.path.basename(path))[0]
         outdir = opts.outdir if len(paths) == 1 else os.path.join(opts.outdir, tag)
         # Inputs that do not fit fail here, before anything is written.
+        if opts.num_classes and opts.num_classes != info.label_dim:
+            raise click.UsageError(f'--num_classes={opts.num_classes} but {path} has {info.label_dim} classes')
         _sampler_corruption(info, opts)
         samplers.measure(operator, _load_refs(dataset, [min(opts.seeds), max(opts.seeds)], net, 'cpu')[:1], opts.seeds[:1])
         cli.claim_output_dir(outdir, dict(network_sha256=cli.file_digest(path), **{key: opts[key] for key in OUTPUT_OPTIONS},
@@ -241,9 +248,12 @@ def solve(opts):
         dist.print0(f'Network {path} ({info.format}, kimg {info.kimg}); operator {operator}')
         solve_images(net, info, operator, dataset, opts.seeds, outdir, opts)
         if dist.get_rank() == 0:
-            save_grids(outdir, opts.seeds)
+            save_grids(outdir, opts.seeds, opts.subdirs)
             summaries[path] = summarize(outdir, opts.seeds)
             _print_summary(summaries[path], outdir)
+        if opts.ref is not None:  # the original's FID of the reconstructions, into {outdir}/fid/metrics.jsonl
+            cli.score_images(os.path.join(outdir, 'reconstruction'), dnnlib.EasyDict(opts, num=opts.num or len(opts.seeds),
+                             workers=0, wandb='off', outdir=os.path.join(outdir, 'fid')), extra=dict(network=path))
     return summaries
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +277,13 @@ def solve(opts):
 @click.option('--num_measurements',   help='Compressed sensing: measurements m', metavar='INT', type=click.IntRange(min=2), default=32, show_default=True)
 @click.option('--dps_scale',          help='DPS weight ζ', metavar='FLOAT', type=click.FloatRange(0, 100), default=5.0, show_default=True)
 @click.option('--norm',               help='DPS residual norm (batch = the original\'s, couples samples)', type=click.Choice(list(samplers.DPS_NORMS)), default='per_sample', show_default=True)
+@click.option('--ref',                help='Also score the reconstructions (FID/IS) against these statistics, as the original could', metavar='NPZ|URL', type=str)
+@click.option('--num', '--num_images', 'num', help='Reconstructions to score  [default: all seeds]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--seed',               help='Seed of the scored subset when there are more', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--detector',           help='Inception detector for --ref', metavar='PATH|URL', type=str, default=metrics.INCEPTION_URL, show_default=True)
+@click.option('--subdirs',            help='Put images in subdirectories of 1000 seeds', is_flag=True)
+@click.option('--class', 'class_idx', help='Class label of a conditional network  [default: random]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--num_classes',        help='Number of classes the network must have (checked)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @cli.sampling_mask_options
 @cli.sampler_options
 @cli.command_body()

@@ -361,3 +361,28 @@ def test_original_mask_geometry():
         assert offsets.max() == max_offset and offsets.min() == 0
     assert MaskCorruption.from_dict(MaskCorruption('box', 0.2, 0.1, geometry='original').to_dict()).geometry == 'original'
     assert 'geometry' not in MaskCorruption('box', 0.2, 0.1).to_dict()  # older records still compare equal
+
+
+def test_solve_scores_its_reconstructions_like_the_original(tmp_path, data, snapshot):
+    """solve_inverse_problems.py's original scoring options: --ref (FID/IS of the reconstructions), --num, --seed,
+    --subdirs, --class/--num_classes (checked against the network)."""
+    import eval as eval_cli
+    import solve_inverse_problems
+    from fixtures import save_tiny_detector
+    detector = save_tiny_detector(str(tmp_path / 'detector.pt'), seed=3, feature_dim=8)
+    ref = tmp_path / 'ref.npz'
+    assert CliRunner().invoke(eval_cli.cli, ['ref', '--data', data, '--dest', ref, '--detector', detector, '--batch=4',
+                                             '--workers=0']).exit_code == 0
+    out = tmp_path / 'solved'
+    args = [f'--network={snapshot}', f'--measurements_path={data}', f'--outdir={out}', '--seeds=0-3', '--steps=2',
+            '--corruption_pattern=dust', '--dps_scale=1', '--subdirs', f'--ref={ref}', '--num=3', '--seed=1',
+            f'--detector={detector}']
+    result = CliRunner().invoke(solve_inverse_problems.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert (out / 'reconstruction' / '000000' / '000003.png').is_file()
+    record = json.loads(open(out / 'fid' / 'metrics.jsonl').read())
+    assert record['num_images'] == 3 and record['fid'] >= 0 and record['seed'] == 1
+    result = CliRunner().invoke(solve_inverse_problems.main, [str(a) for a in args[:6] + ['--num_classes=10']])
+    assert result.exit_code != 0 and '--num_classes=10 but' in result.output
+    result = CliRunner().invoke(solve_inverse_problems.main, [str(a) for a in args[:6] + ['--num=3']])
+    assert result.exit_code != 0 and '--num has no effect' in result.output

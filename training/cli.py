@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import time
 
 import click
 
@@ -18,6 +19,9 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils.ambient_diffusion import MaskCorruption
 from training import metrics
+
+
+WANDB_PROJECT = 'ambient_diffusion'
 
 
 def _options(*decorators):
@@ -251,3 +255,46 @@ def sampling_corruption(info, opts):
     return MaskCorruption(pattern=cfg['corruption_pattern'], corruption_probability=cfg['corruption_probability'],
                           delta_probability=cfg['delta_probability'], mask_full_rgb=cfg.get('mask_full_rgb', False),
                           geometry=cfg.get('geometry', 'ours'))
+
+
+# ----------------------------------------------------------------------------
+# Scoring (eval.py fid/generate, solve_inverse_problems.py --ref).
+
+def load_detector(opts):
+    """The detector named by `opts.detector`, on this process's device; rank 0 fetches it first."""
+    dist.print0(f'Loading detector {opts.detector} ...')
+    with dist.rank0_first():
+        return metrics.load_detector(opts.detector, device=dist.device(), allow_unsafe_pickle=opts.allow_unsafe_pickle)
+
+
+def score_images(images, opts, extra=None, detector=None):
+    """FID and IS of the images in `images` against `opts.ref`; prints them and, on rank 0, appends a line to
+    `{opts.outdir}/metrics.jsonl` (and logs to wandb). `extra` is merged into that line. Returns the line."""
+    ref = metrics.load_stats(opts.ref)
+    detector = detector or load_detector(opts)
+    dist.print0(f'Computing statistics of {opts.num} images in {images} ...')
+    stats = metrics.calculate_inception_stats(images, detector, num_expected=opts.num, seed=opts.seed,
+        max_batch_size=opts.batch, device=dist.device(), num_workers=opts.workers)
+    if stats.mu.shape != ref['mu'].shape:
+        raise ValueError(f'{opts.ref} holds {ref["mu"].shape[0]}-d statistics but {opts.detector} gives '
+                         f'{stats.mu.shape[0]}-d features; make the reference with the same detector')
+    fid = metrics.calculate_fid(stats.mu, stats.sigma, ref['mu'], ref['sigma'])
+    record = dict(fid=fid, inception_score=stats.inception_score, inception_score_std=stats.inception_score_std,
+        inception_score_original=stats.inception_score_original, is_num_splits=stats.is_num_splits,
+        num_images=stats.num_images, images=os.path.abspath(images), ref=opts.ref, detector=opts.detector,
+        seed=opts.seed, batch=opts.batch, world_size=dist.get_world_size(), **(extra or {}), timestamp=time.time())
+    dist.print0(f'FID: {fid:.4f}')
+    dist.print0(f'IS:  {stats.inception_score:.4f} ± {stats.inception_score_std:.4f} ({stats.is_num_splits} splits)')
+    dist.print0(f'IS:  {stats.inception_score_original:.4f} (single split, as the original eval.py)')
+    if dist.get_rank() == 0:
+        outdir = opts.outdir or os.path.dirname(os.path.abspath(images.rstrip('/\\')))
+        os.makedirs(outdir, exist_ok=True)
+        with open(os.path.join(outdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+            f.write(json.dumps(record) + '\n')
+        if opts.wandb != 'off':
+            import wandb
+            run = wandb.init(mode=opts.wandb, project=WANDB_PROJECT, dir=outdir, job_type='eval', config=dict(opts),
+                             name=opts.get('experiment_name'), id=opts.get('wandb_id') or None, resume='allow')
+            run.log({key: record[key] for key in ('fid', 'inception_score', 'inception_score_std', 'inception_score_original')})
+            run.finish()
+    return record
