@@ -4,6 +4,7 @@ original's .pkl, the all-pixel loss diagnostic (the original's loss_test) that n
 import glob
 import os
 import json
+import math
 import pickle
 
 import pytest
@@ -386,3 +387,51 @@ def test_solve_scores_its_reconstructions_like_the_original(tmp_path, data, snap
     assert result.exit_code != 0 and '--num_classes=10 but' in result.output
     result = CliRunner().invoke(solve_inverse_problems.main, [str(a) for a in args[:6] + ['--num=3']])
     assert result.exit_code != 0 and '--num has no effect' in result.output
+
+
+def test_dps_in_the_originals_units_takes_the_originals_steps():
+    """--guidance_units=original with --norm=batch: x moves by +ζ·g, g = −∇‖y − 𝒜(D_0)‖_F over the whole batch, in
+    both Heun stages (the original solve_inverse_problems.py sampler), checked step for step in float64."""
+    from training import samplers
+    from torch_utils.ambient_diffusion import RandomInpainting
+
+    class Net(torch.nn.Module):
+        ambient = True
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(6, 3, 3, padding=1).double()
+
+        def forward(self, x, sigma, class_labels=None, **kwargs):
+            sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
+            return torch.tanh(self.conv(x / (1 + sigma ** 2).sqrt()))
+
+    torch.manual_seed(1)
+    net, zeta = Net(), 0.3
+    latents = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    mask = (torch.rand(2, 3, 8, 8) > 0.3).double()
+    operator = RandomInpainting(0.5)
+    params = (torch.rand(2, 3, 8, 8) > 0.5).double()
+    y = operator.apply(torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1, params)
+    t_steps = samplers.edm_time_steps(3, 0.002, 5, 7)
+
+    def denoise_and_g(x, t):
+        x = x.detach().requires_grad_(True)
+        D = net(torch.cat([mask * x, mask], 1), t)[:, :3]
+        residual = (y - operator.apply(D, params)).flatten()
+        return D.detach(), -torch.autograd.grad(residual.norm(), x)[0]
+
+    x = latents * t_steps[0]
+    for i in range(3):
+        t_hat, t_next = t_steps[i], t_steps[i + 1]
+        D, g = denoise_and_g(x, t_hat)
+        d1 = (t_next - t_hat) * (x - D) / t_hat + zeta * g
+        if i < 2:
+            D2, g2 = denoise_and_g(x + d1, t_next)
+            x = x + 0.5 * (d1 + (t_next - t_hat) * (x + d1 - D2) / t_next + zeta * g2)
+        else:
+            x = x + d1
+    term = samplers.dps_term(operator, y, params, zeta / math.sqrt(2), norm='batch')  # what solve_batch passes
+    ours = samplers.ambient_sampler(net, latents, mask, num_steps=3, sigma_max=5, extra_guidance=[term],
+                                    guidance_units='original')
+    torch.testing.assert_close(ours, x, rtol=1e-9, atol=1e-9)

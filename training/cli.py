@@ -145,10 +145,11 @@ def refuse_ignored(given, rules):
 
 def guidance_rules(opts):
     """Sampler options that do nothing with the others given (for `refuse_ignored`)."""
+    no_reconstruction = opts.num_masks == 1 or opts.guidance_scale == 0
     rules = [('guidance_scale', opts.num_masks == 1 and opts.guidance_scale > 0,
               'reconstruction guidance compares K > 1 masks; add --num_masks'),
-             ('guidance_units', opts.num_masks == 1 or opts.guidance_scale == 0, 'there is no guidance without '
-              '--num_masks > 1 and --guidance_scale > 0')]
+             ('guidance_units', no_reconstruction and not opts.get('dps_scale'), 'there is no guidance without '
+              '--num_masks > 1 and --guidance_scale > 0' + (' or --dps_scale > 0' if 'dps_scale' in opts else ''))]
     if 'resample_guidance_masks' in opts:
         rules.append(('resample_guidance_masks', not opts.resample_guidance_masks or opts.num_masks == 1
                       or opts.guidance_scale == 0, 'there are no guidance masks without --num_masks > 1 and --guidance_scale > 0'))

@@ -298,6 +298,7 @@ def ambient_sampler(net, latents, masks, class_labels=None, randn_like=torch.ran
     extra_guidance: terms term(x, sigma, D0) -> loss (see `guided_ambient_denoiser`).
     guidance_units: 'ours' (w as above) or 'original': guidance_scale is the original's λ, whose step moved x by
     −λ·∇[½K·Σ_j‖D_0 − D_j‖²] in each Heun stage; that is w = λ·K·σ/(t̂ − t_{i+1}) at the stage's noise level σ.
+    The extra terms scale the same way, so that x moves by −∇ℓ per stage (the original's DPS step).
     Returns x_N [N, C, H, W] float64.
     """
     check_sampler_args(net, ambient=True, latents=latents, masks=masks, solver=solver, S_churn=S_churn, S_min=S_min,
@@ -306,9 +307,12 @@ def ambient_sampler(net, latents, masks, class_labels=None, randn_like=torch.ran
     n, k = masks.shape[:2]
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=net, device=latents.device)
     step = dict(size=None)  # t̂ − t_{i+1} of the current step, for the original's guidance units
-    if guidance_units == 'original' and guidance_scale > 0:
-        original_scale = guidance_scale
-        guidance_scale = lambda sigma: original_scale * k * sigma / step['size']
+    if guidance_units == 'original':
+        to_ours = lambda sigma: sigma / step['size']  # a push of D by g moves x by g·(t̂ − t_{i+1})/σ
+        extra_guidance = [lambda x, sigma, D0, term=term: term(x, sigma, D0) * to_ours(sigma) for term in extra_guidance]
+        if guidance_scale > 0:
+            original_scale = guidance_scale
+            guidance_scale = lambda sigma: original_scale * k * to_ours(sigma)
     options = dict(class_labels=class_labels, guidance_scale=guidance_scale, clipping=clipping,
                    clip_percentile=clip_percentile, extra_guidance=extra_guidance)
     current = dict(denoise=guided_ambient_denoiser(net, masks, **options))
@@ -581,6 +585,8 @@ def solve_batch(net, operator, y, params, seeds, zeta, corruption=None, norm='pe
         masks = torch.ones([n, 1, *shape[1:]], device=device)
     params = params.to(device) if isinstance(params, torch.Tensor) else params
     guidance = list(sampler_kwargs.pop('extra_guidance', ()))
+    if sampler_kwargs.get('guidance_units') == 'original' and norm == 'batch':
+        zeta = zeta / math.sqrt(n)  # the original's ζ·‖y − 𝒜(D0)‖_F, without our √N
     term = dps_term(operator, y.to(device), params, zeta, norm)                          # validates ζ and norm
     if zeta > 0:  # ζ = 0 adds nothing; skipping it also skips the gradient's backward pass.
         guidance.append(term)
