@@ -435,3 +435,40 @@ def test_dps_in_the_originals_units_takes_the_originals_steps():
     ours = samplers.ambient_sampler(net, latents, mask, num_steps=3, sigma_max=5, extra_guidance=[term],
                                     guidance_units='original')
     torch.testing.assert_close(ours, x, rtol=1e-9, atol=1e-9)
+
+
+def test_every_option_of_every_command_is_read():
+    """No option is parsed and ignored: each command's options are read by its module or training/cli.py (as
+    opts.<name>, opts['<name>'], opts.get('<name>'), or a parameter of the command function), outside the
+    click.option lines that declare them."""
+    import re
+    import click
+    import dataset_tool
+    import eval as eval_cli
+    import find_dataset_neighbors
+    import if_inference
+    import solve_inverse_problems
+    import train_text_to_image
+    from conftest import REPO
+
+    def source(module):
+        lines = []
+        for path in (module.__file__, os.path.join(REPO, 'training', 'cli.py')):
+            lines += [line for line in open(path).read().splitlines()
+                      if not line.lstrip().startswith(('@click.option', 'click.option('))]
+        return '\n'.join(lines)
+
+    commands = [(train, train.main), (solve_inverse_problems, solve_inverse_problems.main),
+                (find_dataset_neighbors, find_dataset_neighbors.main), (train_text_to_image, train_text_to_image.main),
+                (if_inference, if_inference.main), (dataset_tool, dataset_tool.main)]
+    commands += [(eval_cli, command) for command in eval_cli.cli.commands.values()]
+    unread = []
+    for module, command in commands:
+        text = source(module)
+        for param in command.params:
+            name = re.escape(param.name)
+            read = re.search(rf"\.{name}\b|\[['\"]{name}['\"]\]|get\(['\"]{name}['\"]|def \w+\([^)]*\b{name}\b", text)
+            if not read and param.name != 'dry_run':  # dry_run: cli.command_body's own parameter
+                unread.append(f'{command.name} --{param.name}')
+    assert not unread, unread
+    assert len(commands) >= 11 and all(isinstance(c, click.Command) for _, c in commands)
