@@ -175,22 +175,24 @@ def _original_guided_heun(net, x, masks, t_steps, lam):
     return x
 
 
+class _ToyAmbientNet(torch.nn.Module):
+    """A small float64 ambient denoiser ([M ⊙ x, M] in, C channels out) for step-by-step sampler comparisons."""
+    ambient = True
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(6, 3, 3, padding=1).double()
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        return torch.tanh(self.conv(x / (1 + sigma ** 2).sqrt()))
+
+
 def test_guidance_in_the_originals_units_takes_the_originals_steps():
     from training import samplers
 
-    class Net(torch.nn.Module):
-        ambient = True
-
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(6, 3, 3, padding=1).double()
-
-        def forward(self, x, sigma, class_labels=None, **kwargs):
-            sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
-            return torch.tanh(self.conv(x / (1 + sigma ** 2).sqrt()))
-
     torch.manual_seed(0)
-    net = Net()
+    net = _ToyAmbientNet()
     latents = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     masks = (torch.rand(2, 3, 3, 8, 8) > 0.4).double()
     lam = 0.7
@@ -395,19 +397,8 @@ def test_dps_in_the_originals_units_takes_the_originals_steps():
     from training import samplers
     from torch_utils.ambient_diffusion import RandomInpainting
 
-    class Net(torch.nn.Module):
-        ambient = True
-
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(6, 3, 3, padding=1).double()
-
-        def forward(self, x, sigma, class_labels=None, **kwargs):
-            sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
-            return torch.tanh(self.conv(x / (1 + sigma ** 2).sqrt()))
-
     torch.manual_seed(1)
-    net, zeta = Net(), 0.3
+    net, zeta = _ToyAmbientNet(), 0.3
     latents = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     mask = (torch.rand(2, 3, 8, 8) > 0.3).double()
     operator = RandomInpainting(0.5)
