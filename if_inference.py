@@ -75,12 +75,23 @@ def check_options(c):
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        changed = [f'--{k}: {old.get(k)!r} -> {c[k]!r}' for k in IMAGE_OPTIONS if old.get(k) != c[k]]
+        old.setdefault('layout', 'ours')  # folders written before --layout existed
+        keys = IMAGE_OPTIONS + ('layout',) + (('batch_size',) if c.layout == 'original' else ())  # names hold the batch
+        changed = [f'--{k}: {old.get(k)!r} -> {c[k]!r}' for k in keys if old.get(k) != c[k]]
         if changed:
             raise ValueError(f'{c.output_dir} holds images made with other options ({"; ".join(changed)}); '
                              f'pass another --output_dir')
     with dnnlib.util.atomic_write(path, 'w') as f:
         json.dump(c, f, indent=2)
+
+
+def _image_file(c, name, index):
+    """Where image `index` goes: images/<thousands>/<index>.png (ours) or, with --layout=original, the original's
+    <batch>_<position>.png next to each other (`_super_res` for the upscaled ones)."""
+    if c.layout == 'original':
+        b, j = divmod(index, c.batch_size)
+        return os.path.join(c.output_dir, f'{b}_{j}{"_super_res" if name == "upscaled" else ""}.png')
+    return image_path(os.path.join(c.output_dir, name), index, subdirs=True)
 
 
 def _collage_path(c, name, batch_index):
@@ -96,14 +107,14 @@ def generate(c):
     ambient_if.check_embeds(embeds, pipe.unet, c.empty_embeds if not c.prompt else '--prompt')
     check_options(c)
 
-    folders = dict(images=os.path.join(c.output_dir, 'images'), upscaled=os.path.join(c.output_dir, 'upscaled'))
+    names = ('images', 'upscaled')
     num_batches = math.ceil(c.num_images / c.batch_size)
     done = skipped = 0
     for b in tqdm.tqdm(range(c.batch_resume_index, num_batches), desc='batches'):
         batch = range(b * c.batch_size, min((b + 1) * c.batch_size, c.num_images))
-        wanted = [folders['images']] + ([folders['upscaled']] if upscaler is not None else [])
+        wanted = names[:2 if upscaler is not None else 1]
         # Per-image generators: only the missing images of a batch are made, and they come out the same.
-        indices = [i for i in batch if not all(os.path.isfile(image_path(f, i, subdirs=True)) for f in wanted)]
+        indices = [i for i in batch if not all(os.path.isfile(_image_file(c, name, i)) for name in wanted)]
         if not c.save_separate:  # only collages: a batch is done when its collages are there
             collages = [_collage_path(c, name, b) for name in ('images', 'upscaled')[:len(wanted)]]
             indices = [] if all(os.path.isfile(p) for p in collages) else list(batch)
@@ -126,7 +137,7 @@ def generate(c):
         for name, batch in outputs.items():
             if c.save_separate:
                 for i, image in zip(indices, to_uint8(batch.float().cpu())):  # [N, H, W, C]
-                    save_png(image, image_path(folders[name], i, subdirs=True))
+                    save_png(image, _image_file(c, name, i))
             if c.save_collage:
                 save_image_grid(batch.float().cpu(), _collage_path(c, name, b))
         done += n
@@ -142,6 +153,7 @@ def generate(c):
 @click.option('--batch_resume_index', help='Start at this batch (earlier ones are skipped)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--text_encoder_8bit',  help='Load T5 in 8 bits (bitsandbytes; CUDA only), as the original did', is_flag=True)
 @click.option('--save_collage',       help='Also save a grid per batch under collages/', is_flag=True)
+@click.option('--layout',             help='File names: ours (images/<thousands>/<index>.png) or original (<batch>_<position>.png)', type=click.Choice(['ours', 'original']), default='ours', show_default=True)
 @click.option('--save_separate',      help='Save each image as its own PNG (False: only the collages, with --save_collage)', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--corruption_pattern', help='Pattern of the sampling mask', type=click.Choice(list(CORRUPTION_PATTERNS)), default='dust', show_default=True)
 @click.option('--corruption_probability', help='p of the sampling mask', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.8, show_default=True)

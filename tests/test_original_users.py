@@ -320,6 +320,13 @@ def test_the_originals_if_and_neighbours_commands_run(tmp_path, tiny_if):
         '--pretrained_model_name_or_path', tiny_if, '--num_images=4', '--num_inference_steps=2'])
     assert result.exit_code == 0, result.output
     assert len(glob.glob(str(samples / 'images' / '*' / '*.png'))) == 4
+    # --layout=original: the original's file names, <batch>_<position>.png.
+    result = CliRunner().invoke(if_inference.main, [f'--checkpoint_path={out / "state_dict_2.pt"}',
+        f'--output_dir={tmp_path / "original_layout"}', '--batch_size=3', '--corruption_probability=0.5',
+        '--pretrained_model_name_or_path', tiny_if, '--num_images=4', '--num_inference_steps=2', '--layout=original'])
+    assert result.exit_code == 0, result.output
+    assert sorted(f for f in os.listdir(tmp_path / 'original_layout') if f.endswith('.png')) == \
+        ['0_0.png', '0_1.png', '0_2.png', '1_0.png']
 
     model = save_tiny_dinov2(tmp_path / 'dinov2', seed=0)
     result = CliRunner().invoke(find_dataset_neighbors.main, [f'--input_dir={samples / "images"}',
