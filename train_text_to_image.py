@@ -481,6 +481,8 @@ def train(c):
 @click.option('--scale_lr',           help='Multiply the LR by accumulation x batch x processes', is_flag=True)
 @click.option('--lr_scheduler',       help='LR schedule', type=click.Choice(LR_SCHEDULERS), default='constant', show_default=True)
 @click.option('--lr_warmup_steps',    help='LR warm-up in optimizer steps', metavar='INT', type=click.IntRange(min=0), default=500, show_default=True)
+@click.option('--push_to_hub', '--hub_token', '--hub_model_id', 'hub', help='The original\'s hub upload: refused, with what to run instead', hidden=True, is_flag=False, flag_value='yes', type=str)
+@click.option('--local_rank',         help='Set by old launchers; must agree with LOCAL_RANK', hidden=True, type=int)
 @click.option('--text_encoder_8bit',  help='Load T5 in 8 bits (bitsandbytes; CUDA only), as the original did', is_flag=True)
 @click.option('--use_8bit_adam',      help='8-bit AdamW from bitsandbytes', is_flag=True)
 @click.option('--allow_tf32',         help='Allow TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU)', is_flag=True)
@@ -511,6 +513,11 @@ def train(c):
 def main(**kwargs):
     """Fine-tune DeepFloyd IF stage I on corrupted data with the ambient loss."""
     c = dnnlib.EasyDict(kwargs)
+    if c.hub is not None:
+        raise click.UsageError('uploading to the Hugging Face hub is not part of training here: when it ends, run '
+                               '`huggingface-cli upload <repo id> <output_dir>/state_dict_<step>.pt`')
+    if c.local_rank is not None and str(c.local_rank) != os.environ.get('LOCAL_RANK', str(c.local_rank)):
+        raise click.UsageError(f'--local_rank={c.local_rank} disagrees with LOCAL_RANK={os.environ["LOCAL_RANK"]}')
     if (c.train_data_dir is None) == (c.dataset_name is None):
         raise click.ClickException('pass exactly one of --train_data_dir (EDM-format folder or zip) and --dataset_name')
     if c.train_data_dir is not None:

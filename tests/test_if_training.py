@@ -184,6 +184,8 @@ def test_command_line_errors(tmp_path, tiny_if, data16, monkeypatch):
     assert '--pretrained_model_name_or_path' in error(if_inference, '--output_dir', tmp_path / 'gen',
         '--pretrained_model_name_or_path', tmp_path / 'missing-model')
     assert not (tmp_path / 'gen').exists()
+    assert 'huggingface-cli upload' in error(train_text_to_image, '--train_data_dir', data16, '--output_dir', out,
+                                             '--push_to_hub')
     assert '--validation_epochs has no effect' in error(train_text_to_image, '--train_data_dir', data16, '--output_dir',
                                                         out, '--validation_epochs', 1)
     if not torch.cuda.is_available():
