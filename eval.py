@@ -302,7 +302,6 @@ def denoise(opts):
 @click.option('--seeds',            help='Random seeds, cut to the first --num', metavar='LIST', type=parse_int_list, default='0-63', show_default=True)
 @click.option('--subdirs',          help='Subdirectory for every 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label', metavar='INT', type=click.IntRange(min=0))
-@click.option('--batch',            help='Batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--corruption_probability', help='p of the sampling masks (dust)', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.4, show_default=True)
 @click.option('--delta_probability', help='δ of the sampling masks', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option('--mask_full_rgb',    help='Share a pixel\'s sampling mask over channels', metavar='BOOL', type=bool, default=False, show_default=True)
@@ -331,6 +330,8 @@ def original(opts):
     if opts.unsupported is not None:
         raise click.UsageError('--disc/--schedule/--scaling crashed the original sampler; the EDM schedule is the only '
                                'one here: drop the option')
+    if opts.skip_generation and opts.skip_calculation:
+        raise click.UsageError('--skip_generation and --skip_calculation together leave nothing to do; drop one')
     if not opts.skip_calculation and opts.ref is None:
         raise click.UsageError('--ref is needed to score the images (or pass --skip_calculation=True)')
     wandb_mode = os.environ.get('WANDB_MODE', 'online') if opts.with_wandb else 'off'

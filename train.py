@@ -23,7 +23,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils.misc import parse_int_list
 from training import snapshots, training_loop
-from training.cli import check_output_dir, given_options, one_line_errors, refuse_ignored
+from training.cli import check_output_dir, given_options, on_rank0, one_line_errors, refuse_ignored
 
 ARCHS = ('ddpmpp', 'ncsnpp', 'adm')
 PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've')
@@ -295,16 +295,21 @@ def train(opts, given=()):
         training_loop.check_transfer(opts.transfer, c.network_kwargs, dataset_obj)  # before any directory is made
     if state is not None:
         _check_resume(state, resume_state, c, opts)
+    del state  # the loop loads what it needs; a whole state (weights, Adam moments) must not stay in memory
     c.run_dir, in_place = _choose_run_dir(opts, dataset_obj.name, world_size, resume_state)
     _print_summary(c, opts, world_size, resume_state, in_place)
     if opts.dry_run:
         dist.print0('Dry run; exiting.')
         return
 
-    with dnnlib.util.directory_lock(c.run_dir) if dist.get_rank() == 0 else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
         logger = None
+        # Rank 0 locks and prepares the run directory; every rank learns whether that failed, so none goes on alone.
+        error = on_rank0(lambda: (stack.enter_context(dnnlib.util.directory_lock(c.run_dir)),
+                                  _prepare_run_dir(c, in_place, opts.allow_data_change)))
+        if error is not None:
+            raise ConfigError(error)
         if dist.get_rank() == 0:
-            _prepare_run_dir(c, in_place, opts.allow_data_change)
             logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
         try:
             training_loop.training_loop(**c)
@@ -324,8 +329,10 @@ def _check_dataset(c, opts):
     c.dataset_kwargs.resolution = dataset_obj.resolution
     if opts.cond and not dataset_obj.has_labels:
         raise click.ClickException('--cond=True requires labels specified in dataset.json')
-    if opts.check_data != 'none' and dist.get_rank() == 0:
-        dataset_obj.check_images(full=opts.check_data == 'full', progress=True)
+    if opts.check_data != 'none':
+        error = on_rank0(lambda: dataset_obj.check_images(full=opts.check_data == 'full', progress=True))
+        if error is not None:
+            raise ConfigError(error)
     check_architecture(c.network_kwargs, dataset_obj.resolution)
     return dataset_obj
 

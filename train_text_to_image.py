@@ -252,7 +252,7 @@ def load_text_conditioning(c, accelerator, unet):
     tokenizer = encoder = None
     main = accelerator.is_main_process
     empty = ambient_if.empty_prompt_embeds(c.empty_embeds, c.pretrained_model_name_or_path, c.cache_dir,
-                                           device=accelerator.device) if main else None
+                                           device=accelerator.device, in_8bit=c.text_encoder_8bit) if main else None
     accelerator.wait_for_everyone()
     if not main:
         empty = ambient_if.empty_prompt_embeds(c.empty_embeds, c.pretrained_model_name_or_path, c.cache_dir,

@@ -470,3 +470,30 @@ def test_every_option_of_every_command_is_read():
                 unread.append(f'{command.name} --{param.name}')
     assert not unread, unread
     assert len(commands) >= 11 and all(isinstance(c, click.Command) for _, c in commands)
+
+
+def test_read_weights_takes_legacy_torch_files(tmp_path):
+    """A state dict saved in torch's legacy (non-zip) format, which also starts like a pickle, is read."""
+    weights = {'model.weight': torch.arange(6.0).reshape(2, 3)}
+    path = tmp_path / 'legacy.pt'
+    torch.save(weights, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(snapshots.read_weights(path)['model.weight'], weights['model.weight'])
+
+
+def test_the_originals_eval_refuses_skipping_everything(tmp_path):
+    import eval as eval_cli
+    result = CliRunner().invoke(eval_cli.cli, ['--network', tmp_path, '--outdir', tmp_path / 'o',
+                                               '--skip_generation=True', '--skip_calculation=True'])
+    assert result.exit_code != 0 and 'nothing to do' in result.output and 'Traceback' not in result.output
+
+
+def test_a_resumed_transfer_keeps_the_ema_ramp_up_off(tmp_path, data):
+    run = tmp_path / 'a'
+    assert invoke(['--outdir', run, '--data', data, *TINY]).exit_code == 0
+    snapshot = glob.glob(str(run / 'network-snapshot-*.pt'))[-1]
+    result = invoke(['--outdir', tmp_path / 'b', '--data', data, *TINY, '--transfer', snapshot, '--seed=5'])
+    assert result.exit_code == 0, result.output
+    result = invoke(['--outdir', tmp_path / 'b', '--data', data, *TINY, '--duration=0.000016', '--resume', tmp_path / 'b'])
+    assert result.exit_code == 0, result.output
+    states = sorted(glob.glob(str(tmp_path / 'b' / 'training-state-*.pt')))
+    assert all(torch.load(s, weights_only=True)['config'].get('transferred') for s in states)

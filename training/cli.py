@@ -156,6 +156,18 @@ def guidance_rules(opts):
     return rules
 
 
+def on_rank0(work):
+    """Run `work()` on rank 0 only; every process returns its one-line error message (None if it succeeded), so
+    that all of them stop together instead of the others going on (or waiting) without rank 0."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except (ValueError, FileNotFoundError, click.ClickException) as err:
+            error = err.format_message() if isinstance(err, click.ClickException) else str(err)
+    return dist.broadcast_object(error)
+
+
 def check_output_dir(path, option='--outdir'):
     """`path` can be a directory the command writes into: an existing writable directory, or a new one under a
     writable directory. Checked before any work, so that a bad path fails at once and nothing is written."""
@@ -212,24 +224,28 @@ def claim_output_dir(outdir, record):
     so outputs of other settings are never reported as this run's."""
     record = json.loads(json.dumps(record))
     path = os.path.join(outdir, PROVENANCE_FILE)
-    with dist.rank0_first():
+
+    def claim():
         if os.path.isfile(path):
             with open(path, encoding='utf-8') as f:
-                saved = json.load(f)
-            saved, now = _flatten(saved), _flatten(record)
+                saved, now = _flatten(json.load(f)), _flatten(record)
             diffs = [f'{key}: {saved.get(key)!r} there, {now.get(key)!r} now' for key in sorted(set(saved) | set(now))
                      if saved.get(key) != now.get(key)]
             if diffs:
                 raise ValueError(f'{outdir} holds outputs made with other settings ({"; ".join(diffs)}); choose another '
                                  f'--outdir, or delete {outdir} to redo them')
-        elif dist.get_rank() == 0:
-            if os.path.isdir(outdir) and any(name.endswith('.png') or name == 'metrics.jsonl' or name.isdigit()
-                                             for name in os.listdir(outdir)):
-                raise ValueError(f'{outdir} already holds outputs but no {PROVENANCE_FILE} saying what made them; '
-                                 f'choose another --outdir, or delete {outdir} to redo them')
-            os.makedirs(outdir, exist_ok=True)
-            with dnnlib.util.atomic_write(path, 'w', encoding='utf-8') as f:
-                json.dump(record, f, indent=2)
+            return
+        if os.path.isdir(outdir) and any(name.endswith('.png') or name == 'metrics.jsonl' or name.isdigit()
+                                         for name in os.listdir(outdir)):
+            raise ValueError(f'{outdir} already holds outputs but no {PROVENANCE_FILE} saying what made them; '
+                             f'choose another --outdir, or delete {outdir} to redo them')
+        os.makedirs(outdir, exist_ok=True)
+        with dnnlib.util.atomic_write(path, 'w', encoding='utf-8') as f:
+            json.dump(record, f, indent=2)
+
+    error = on_rank0(claim)  # rank 0 decides for every process
+    if error is not None:
+        raise ValueError(error)
 
 
 def image_path(outdir, seed, subdirs=False):

@@ -246,9 +246,9 @@ def read_weights(path):
     local = dnnlib.util.open_url(path, return_filename=True)
     with open(local, 'rb') as f:
         head = f.read(4)
-    if head[:1] == b'\x80':
-        data = _read_pickle(local, path)
-        ema = data.get('ema') if isinstance(data, Mapping) else None
+    data = _read_pickle(local, path) if head[:1] == b'\x80' else None
+    if isinstance(data, Mapping) and 'ema' in data:  # the original's or EDM's pickle (not torch's legacy format)
+        ema = data['ema']
         try:
             if isinstance(ema, Mapping):
                 return _state_dict(ema, path)

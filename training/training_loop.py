@@ -144,9 +144,11 @@ def training_loop(
         rank=rank, world_size=world_size, device=device, ambient=bool(config['network_kwargs'].get('ambient', False)))
     if transfer is not None:
         _transfer_weights(transfer, net, ema)
-        ema_rampup_ratio = None
+        config['transferred'] = True  # recorded, so that a resume keeps the EMA ramp-up off too
     if resume_state is not None:
         _resume(resume_state, config, net, ema, optimizer, run)
+    if config.get('transferred') or run.get('transferred'):
+        ema_rampup_ratio = None
     sampler, dataset_iterator = _data_stream(dataset_obj, run.sampler, seed, rank, world_size, batch_gpu,
                                              data_loader_kwargs)
     ddp = _distribute(net, device, world_size, compile)
@@ -302,7 +304,10 @@ def _resume(path, config, net, ema, optimizer, run):
     optimizer.load_state_dict(state['optimizer'])
     # The state was written at the end of tick `cur_tick`: the run continues with the next one.
     run.update(cur_nimg=state['cur_nimg'], cur_tick=state['cur_tick'] + 1, sampler=state['sampler'],
-               start_position=state['sampler']['position'], rng=state['rng'])
+               start_position=state['sampler']['position'], rng=state['rng'],
+               transferred=bool(state['config'].get('transferred')))
+    if run.transferred:
+        config['transferred'] = True
 
 
 def _save_state(run_dir, run, net, ema, optimizer, sampler, config):
