@@ -246,9 +246,23 @@ def plot_denoising_error(path, rows):
         fig.savefig(f, format='png')
 
 
+def clean_references(dataset, seeds, data):
+    """The seeds whose images are clean: a dataset with noise annotations holds noisy or corrupted images with no
+    clean version, which cannot serve as references of a denoising error; they are left out, and said."""
+    if not dataset.has_annotations:
+        return list(seeds)
+    clean = [s for s in seeds if dataset.annotation(s)[2] == 'clean']
+    if not clean:
+        raise click.ClickException(f'none of the {len(seeds)} images of --seeds is clean in {data} (all carry noise '
+                                   'annotations): pass --seeds of clean images or a clean dataset')
+    click.echo(f'{data} has noise annotations: the error is measured on the {len(clean)} clean images among --seeds; '
+               f'{len(seeds) - len(clean)} noisy or corrupted ones have no clean reference and are left out')
+    return clean
+
+
 @cli.command()
 @network_options
-@click.option('--data',             help='Clean images (folder or zip made by dataset_tool.py)', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--data',             help='Clean images (folder or zip made by dataset_tool.py; of a dataset with noise annotations, its clean images are used)', metavar='ZIP|DIR', type=str, required=True)
 @click.option('--outdir',           help='Where denoising-error.jsonl and denoising-error.png go', metavar='DIR', type=str, required=True)
 @click.option('--seeds',            help='Images i (dataset index i, seed i of mask and noise)', metavar='LIST', type=parse_int_list, default='0-63', show_default=True)
 @click.option('--sigmas',           help='Noise levels', metavar='LIST', type=str, default=DEFAULT_SIGMAS, show_default=True, callback=_parse_sigmas)
@@ -268,6 +282,7 @@ def denoise(opts):
     if max(opts.seeds) >= len(dataset) or min(opts.seeds) < 0:
         raise click.BadParameter(f'{opts.data} holds {len(dataset)} images; pass --seeds within 0-{len(dataset) - 1}',
                                  param_hint='--seeds')
+    seeds = clean_references(dataset, opts.seeds, opts.data)
     rows = []
     for path in snapshots.resolve_networks(opts.network, latest=opts.latest):
         net, info = snapshots.load_network(path, device=device, training_options=opts.training_options,
@@ -278,7 +293,7 @@ def denoise(opts):
             raise click.ClickException(f'{opts.data} holds images of shape {dataset.image_shape} but {path} '
                                        f'denoises {shape}; convert the data with dataset_tool.py')
         corruption = sampling_corruption(info, opts)
-        rows.append(denoising_error_curve(net, info, dataset, opts.seeds, opts.sigmas, corruption, opts.batch, device))
+        rows.append(denoising_error_curve(net, info, dataset, seeds, opts.sigmas, corruption, opts.batch, device))
         row = rows[-1]
         click.echo(f'\n{path} (kimg {info.kimg}); {row["hidden_fraction"]:.1%} of pixels hidden from the network')
         click.echo(f'{"sigma":>8} {"MSE visible":>12} {"MSE hidden":>12}')

@@ -22,16 +22,18 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils.misc import parse_int_list
-from training import snapshots, training_loop
+from training import sigma_first, snapshots, training_loop
 from training.cli import check_output_dir, given_options, on_rank0, one_line_errors, refuse_ignored
 
 ARCHS = ('ddpmpp', 'ncsnpp', 'adm')
-PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've')
-AMBIENT_PRECONDS = ('ambient', 'ambient_vp')
-DATA_KEYS = ('path', 'max_size', 'xflip', 'use_labels')  # what a resume may not change silently
+PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've', 'ambient_noisy', 'ambient_noisy_vp')
+AMBIENT_PRECONDS = ('ambient', 'ambient_vp')  # masked data: [image, mask] input, loss on A
+NOISY_PRECONDS = ('ambient_noisy', 'ambient_noisy_vp')  # images trusted at some noise levels: σ-first, Tweedie loss
+DATA_KEYS = ('path', 'max_size', 'xflip', 'use_labels', 'noise_sigma', 'clean_fraction')  # what a resume may not change silently
 # --preset=original: the original code's network and objective (options given explicitly still win).
 ORIGINAL_PRESET = dict(gate='double_sigmoid', hidden_precond='original', cond_sigma_min=0.0, augment_set='edm',
                        fixed_hat_mask=True, mask_geometry='original')
+DEFAULT_CORRUPTION_PROBABILITY = 0.4
 MASK_AWARE_COND_SIGMA_MIN = 0.1  # about the 18th percentile of EDM's training σ (ln σ ~ N(-1.2, 1.2²))
 
 
@@ -41,7 +43,7 @@ class ConfigError(click.ClickException):
 
 def _network_kwargs(opts):
     precond_class = {'ambient': 'EDMPrecond', 'edm': 'EDMPrecond', 'ambient_vp': 'VPPrecond', 'vp': 'VPPrecond',
-        've': 'VEPrecond'}[opts.precond]
+        've': 'VEPrecond', 'ambient_noisy': 'EDMPrecond', 'ambient_noisy_vp': 'VPPrecond'}[opts.precond]
     kw = dnnlib.EasyDict(class_name=f'training.networks.{precond_class}')
     if opts.arch == 'ddpmpp':
         kw.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
@@ -83,12 +85,13 @@ def build_config(opts, world_size=1):
                 f'--precond={opts.precond} sees every pixel: drop --hidden_precond or use --precond=ambient')
         if opts.norm != 2:
             raise ConfigError(f'--norm={opts.norm} only applies to the ambient losses; use --precond=ambient or ambient_vp')
-        if opts.clean_diagnostics:
+        if opts.clean_diagnostics and opts.precond not in NOISY_PRECONDS:
             raise ConfigError(f'--clean_diagnostics reports the ambient loss on every pixel; --precond={opts.precond} '
                 'already trains on every pixel: use --precond=ambient or ambient_vp')
         if (opts.delta_probability or 0) > 0 or opts.fixed_hat_mask:
             raise ConfigError(f'--delta_probability/--fixed_hat_mask only affect the ambient losses, but --precond={opts.precond} '
                 'trains on the observations as if they were clean; use --precond=ambient or set --delta_probability=0')
+    _check_noisy_options(opts)
     delta_probability = opts.delta_probability if opts.delta_probability is not None else (0.1 if ambient else 0.0)
     batch_gpu = opts.batch_gpu or opts.batch // world_size
     if opts.batch % world_size != 0 or (opts.batch // world_size) % batch_gpu != 0:
@@ -101,6 +104,10 @@ def build_config(opts, world_size=1):
         delta_probability=delta_probability, mask_full_rgb=opts.mask_full_rgb,
         corruption_seed=opts.corruption_seed, hat_seed=opts.seed, fixed_hat_mask=opts.fixed_hat_mask,
         with_clean=opts.clean_diagnostics)
+    if opts.get('noise_sigma') is not None:
+        c.dataset_kwargs.update(noise_sigma=opts.noise_sigma, clean_fraction=opts.clean_fraction or 0.0)
+    if opts.precond in NOISY_PRECONDS:
+        c.dataset_kwargs.noise_items = True
     if opts.get('mask_geometry', 'ours') != 'ours':
         c.dataset_kwargs.mask_geometry = opts.mask_geometry
     c.data_loader_kwargs = dnnlib.EasyDict(num_workers=opts.workers, pin_memory=torch.cuda.is_available())
@@ -108,8 +115,10 @@ def build_config(opts, world_size=1):
         c.data_loader_kwargs.prefetch_factor = 2
     c.network_kwargs = _network_kwargs(opts)
     loss_class = {'ambient': 'AmbientLoss', 'ambient_vp': 'AmbientVPLoss', 'edm': 'EDMLoss', 'vp': 'VPLoss',
-        've': 'VELoss'}[opts.precond]
+        've': 'VELoss', 'ambient_noisy': 'NoisyAmbientLoss', 'ambient_noisy_vp': 'NoisyAmbientVPLoss'}[opts.precond]
     c.loss_kwargs = dnnlib.EasyDict(class_name=f'training.loss.{loss_class}')
+    if opts.precond in NOISY_PRECONDS:
+        c.loss_kwargs.update(s_max=opts.get('s_max'), ambient_factor=opts.get('ambient_factor', True))
     if ambient:
         c.loss_kwargs.update(norm=opts.norm, hidden_precond=c.network_kwargs.hidden_precond)
     optimizer = 'AdamW' if opts.weight_decay > 0 else 'Adam'
@@ -142,6 +151,28 @@ def build_config(opts, world_size=1):
     return c
 
 
+def _check_noisy_options(opts):
+    """The noisy-data options: the σ-first Tweedie losses train on whole images (no masks); synthetic noise is
+    trained on by them or, as a baseline, by the clean-data losses; the loss options need a noisy-data loss."""
+    noisy = opts.precond in NOISY_PRECONDS
+    if opts.corruption_probability is None:
+        opts.corruption_probability = 0.0 if noisy else DEFAULT_CORRUPTION_PROBABILITY
+    if noisy and opts.corruption_probability > 0:
+        raise ConfigError(f'--precond={opts.precond} trains on whole images trusted at some noise levels; masks '
+                          '(--corruption_probability) are for --precond=ambient: drop one of them')
+    if opts.get('noise_sigma') is not None and opts.precond in AMBIENT_PRECONDS:
+        raise ConfigError(f'--noise_sigma makes noisy images, which the mask loss of --precond={opts.precond} does not '
+                          'model: use --precond=ambient_noisy (or edm for the baseline that treats them as clean)')
+    if opts.get('clean_fraction') is not None and opts.get('noise_sigma') is None:
+        raise ConfigError('--clean_fraction is the share of images --noise_sigma leaves clean; give --noise_sigma too')
+    if not noisy and (opts.get('s_max') is not None or not opts.get('ambient_factor', True)):
+        raise ConfigError('--s_max and --ambient_factor apply to the noisy-data losses; use --precond=ambient_noisy or '
+                          'ambient_noisy_vp, or drop them')
+    if noisy and opts.clean_diagnostics and opts.get('noise_sigma') is None:
+        raise ConfigError('--clean_diagnostics needs the clean images, which only synthetic noisy data '
+                          '(--noise_sigma) has; drop it')
+
+
 def run_dir_name(outdir, dataset_name, opts, world_size):
     """EDM's run directory: NNNNN-<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<fp>[-desc]."""
     desc = (f'{dataset_name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-gpus{world_size}'
@@ -172,7 +203,7 @@ def _resolve_resume(resume):
 @click.option('--precond',      help='Preconditioning & loss',                                   type=click.Choice(PRECONDS), default='ambient', show_default=True)
 # Corruption.
 @click.option('--corruption_pattern',     help='Mask pattern of the dataset',                     type=click.Choice(['dust', 'box', 'fixed_box', 'keep_patch']), default='dust', show_default=True)
-@click.option('--corruption_probability', help='p: how much of each image is missing', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0.4, show_default=True)
+@click.option('--corruption_probability', help='p: how much of each image is missing  [default: 0.4; 0 for the noisy-data preconds]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
 @click.option('--delta_probability',      help='δ: further corruption of the observed pixels  [default: 0.1 for ambient losses, else 0]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
 @click.option('--mask_full_rgb',          help='One dust mask per pixel, shared by its channels', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--mask_geometry',          help='Box patterns: ours, or original (B of A\'s size for box, fixed_box short of the last row with δ an on/off switch, keep_patch sub-boxes short of the far edge)', type=click.Choice(['ours', 'original']), default='ours', show_default=True)
@@ -181,6 +212,10 @@ def _resolve_resume(resume):
 @click.option('--hidden_precond',         help='Preconditioning of pixels hidden from the network: mask_aware (per pixel, unit-variance targets) or original (the original code\'s)  [default: mask_aware]', type=click.Choice(['mask_aware', 'original']))
 @click.option('--cond_sigma_min',         help='Smallest noise level the network is told: c_noise uses max(σ, this); 0 = σ itself  [default: 0.1 with mask_aware, else 0]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--clean_diagnostics',      help='Also report the loss on every pixel (Loss/loss_all; the original\'s loss_test) from the clean images of a synthetically corrupted dataset; never trained on', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--noise_sigma',            help='Synthetic noisy data: fixed Gaussian noise of this std on every image but a --clean_fraction (annotated (S, 0), kind noisy)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--clean_fraction',         help='Share of images --noise_sigma leaves clean (seeded by --corruption_seed)  [default: 0]', metavar='FLOAT', type=click.FloatRange(0, 1))
+@click.option('--s_max',                  help='Noisy-data losses: an image with sigma_min is used at σ > sigma_min·sqrt(1 + 1/(s_max − 1)) only, which caps the ambient factor below s_max²', metavar='FLOAT', type=click.FloatRange(min=1, min_open=True))
+@click.option('--ambient_factor',         help='Noisy-data losses: weigh ‖x̂_tn − x_tn‖² by σ_t⁴/(σ_t² − σ_tn²)² (False: EDM\'s weight only, as ambient-laws)', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--preset',                 help='original: the original code\'s defaults at once (double-sigmoid gates, its hidden-pixel preconditioning, EDM\'s augmentations, a fixed B per image); explicit options still win', type=click.Choice(['ours', 'original']), default='ours', show_default=True)
 @click.option('--norm',                   help='Loss norm: 2 squared, 1 absolute', metavar='INT', type=click.Choice(['1', '2']), default='2', show_default=True, callback=lambda c, p, v: int(v))
 # Hyperparameters.
@@ -334,7 +369,25 @@ def _check_dataset(c, opts):
         if error is not None:
             raise ConfigError(error)
     check_architecture(c.network_kwargs, dataset_obj.resolution)
+    _check_noise_annotations(c, opts, dataset_obj)
     return dataset_obj
+
+
+def _check_noise_annotations(c, opts, dataset_obj):
+    """The noisy-data losses need every noise level of their σ distribution covered by some image (checked now,
+    not in the sampler); other losses train on annotated images as they are, which is said."""
+    if opts.precond in NOISY_PRECONDS:
+        loss_fn = dnnlib.util.construct_class_by_name(**c.loss_kwargs)
+        sigma_first.check_coverage(dataset_obj.noise_levels(), sigma_first.admissibility_buffer(loss_fn.s_max),
+                                   loss_fn.sigma_support(), describe=f' of {c.dataset_kwargs.path}')
+        if not dataset_obj.has_annotations:
+            dist.print0(f'Note: {c.dataset_kwargs.path} has no noise annotations (every image is clean): '
+                        f'--precond={opts.precond} then trains like EDM, with the σ-first sampler')
+    elif dataset_obj.has_annotations:
+        config = dataset_obj.noise_config()
+        dist.print0(f'Note: --precond={opts.precond} trains on the {config["num_noisy"]} noisy and '
+                    f'{config["num_corrupted"]} corrupted images as if they were clean; --precond=ambient_noisy uses '
+                    'their annotations')
 
 
 def check_architecture(network_kwargs, resolution):
@@ -408,6 +461,9 @@ def _print_summary(c, opts, world_size, resume_state, in_place):
     dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
     dist.print0(f'Corruption:              {opts.corruption_pattern}, p={opts.corruption_probability}, '
                 f'δ={c.dataset_kwargs.delta_probability}')
+    if c.dataset_kwargs.get('noise_sigma') is not None:
+        dist.print0(f'Synthetic noise:         σ_n={c.dataset_kwargs.noise_sigma} on all but '
+                    f'{c.dataset_kwargs.clean_fraction:.1%} of the images')
     dist.print0(f'Network architecture:    {opts.arch}, precond {opts.precond}, gate {c.network_kwargs.gate}')
     dist.print0(f'Number of processes:     {world_size}')
     dist.print0(f'Batch size:              {c.batch_size} ({c.batch_gpu} per round)')

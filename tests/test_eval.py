@@ -203,3 +203,27 @@ def test_snapshot_that_names_a_foreign_class_runs_nothing(tmp_path):
         assert result.exit_code != 0 and 'not one of the networks' in result.output, result.output
         assert 'Traceback' not in result.output and len(result.output.strip().splitlines()) <= 3, result.output
         assert not sentinel.exists()
+
+
+def test_denoise_on_annotated_data_scores_only_clean_images(run_dir, tmp_path):
+    """Noisy or corrupted images of an annotated dataset have no clean version: the error leaves them out."""
+    images = random_images(8, channels=3, resolution=16, seed=4)
+    data = write_edm_dataset(tmp_path / 'annotated', images)
+    names = sorted(os.path.relpath(p, data).replace(os.sep, '/') for p in glob.glob(f'{data}/*/*.png'))
+    with open(os.path.join(data, 'dataset.json'), 'w') as f:
+        json.dump(dict(labels=None, annotations=[[names[i], 0.3, 0, 'noisy'] for i in (0, 2, 3)]), f)
+    out = tmp_path / 'err'
+    result = invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', data, '--outdir', out, '--seeds=0-5',
+                                   '--sigmas=1,0.1', '--batch=4', '--latest'])
+    assert 'measured on the 3 clean images' in result.output and '3 noisy or corrupted' in result.output
+    row = [json.loads(line) for line in open(out / 'denoising-error.jsonl')][-1]
+    assert row['num_images'] == 3
+    # The same numbers as the clean images alone, in a dataset without annotations (seeds 1, 4, 5 there too).
+    plain = write_edm_dataset(tmp_path / 'plain.zip', images)
+    invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', plain, '--outdir', tmp_path / 'p', '--seeds=1,4,5',
+                          '--sigmas=1,0.1', '--batch=4', '--latest'])
+    ref = [json.loads(line) for line in open(tmp_path / 'p' / 'denoising-error.jsonl')][-1]
+    np.testing.assert_allclose(row['mse_visible'], ref['mse_visible'], rtol=1e-6)
+    result = invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', data, '--outdir', tmp_path / 'q',
+                                   '--seeds=0,2,3', '--latest'], expect_ok=False)
+    assert result.exit_code != 0 and 'none of the 3 images of --seeds is clean' in result.output

@@ -10,6 +10,14 @@ which evaluation code asks for explicitly.
 Item keys are either an index or an `(index, draw_id)` pair; `InfiniteSampler(yield_positions=True)`
 yields such pairs, the draw id being the sampler's global position, so B depends on the training seed and
 step and not on the number of DataLoader workers or processes.
+
+Noisy and low-quality data (SPEC §3): every image carries an annotation (σ_min, σ_max, kind), read from
+`dataset.json` ("annotations": [[file, σ_min, σ_max, kind], ...]; images without an entry are clean, (0, ∞))
+or made synthetically (`noise_sigma`, `clean_fraction`: a seeded share of the images carries fixed Gaussian
+noise of std `noise_sigma`, which is part of the image the dataset yields). With `noise_items=True` an item
+also carries `noise_info` = [σ_t, σ_min, σ_max, kind code] (σ_t from a `(index, draw_id, σ_t)` key, as the
+σ-first sampler yields; NaN without one) and the image's fixed noise n_fixed (zeros unless the kind is
+'corrupted'), both mirrored with x-flipped copies.
 """
 
 import io
@@ -22,12 +30,18 @@ import PIL.Image
 import torch
 
 from torch_utils.ambient_diffusion import MaskCorruption
-from torch_utils.misc import seeded_generator
+from torch_utils.misc import seed_hash, seeded_generator
 
 MODES = ('corrupted', 'clean')
 
-# Tags that keep the seed streams of A, fixed B and per-draw B apart.
-_TAG_MASK, _TAG_FIXED_HAT, _TAG_HAT = 0xA, 0xB, 0xC
+# Tags that keep the seed streams of A, fixed B, per-draw B, the synthetic noise, the choice of noisy images and
+# the fixed noise of corrupted images apart.
+_TAG_MASK, _TAG_FIXED_HAT, _TAG_HAT, _TAG_NOISE, _TAG_NOISY_SET, _TAG_FIXED_NOISE = 0xA, 0xB, 0xC, 0xE, 0xF, 0x10
+
+# Annotation kinds (SPEC §3): 'noisy' images already carry Gaussian noise of std σ_min; 'corrupted' ones carry
+# another corruption and are trusted above σ_min once fixed noise of that std is added.
+KINDS = ('clean', 'noisy', 'corrupted')
+KIND_CODES = {kind: code for code, kind in enumerate(KINDS)}
 
 
 class DatasetError(ValueError):
@@ -59,6 +73,9 @@ class Dataset(torch.utils.data.Dataset):
         with_clean          = False,    # Also return the clean image (diagnostics on synthetically corrupted data).
         mode                = 'corrupted',  # 'corrupted': items hold A ⊙ x0; 'clean': x0 (evaluation only).
         normalize           = True,     # float32 in [-1, 1]; False keeps uint8 (for metrics).
+        noise_sigma         = None,     # Synthetic noisy data: std of the fixed Gaussian noise of the noisy images.
+        clean_fraction      = 0.0,      # Synthetic noisy data: the seeded share of images left clean.
+        noise_items         = False,    # Items also carry noise_info and the fixed noise (the noisy-data losses).
     ):
         if mode not in MODES:
             raise DatasetError(f"mode={mode!r} is not one of {MODES}")
@@ -80,6 +97,14 @@ class Dataset(torch.utils.data.Dataset):
         self.fixed_hat_mask = bool(fixed_hat_mask)
         self.with_clean = bool(with_clean)
         self._draw_counter = 0
+        self.noise_sigma = None if noise_sigma is None else float(noise_sigma)
+        self.clean_fraction = float(clean_fraction)
+        self.noise_items = bool(noise_items)
+        self._annotations = None
+        if self.noise_sigma is not None and not (np.isfinite(self.noise_sigma) and self.noise_sigma > 0):
+            raise DatasetError(f"noise_sigma={noise_sigma} must be a positive noise std (images in [-1, 1])")
+        if not 0 <= self.clean_fraction <= 1:
+            raise DatasetError(f"clean_fraction={clean_fraction} must be in [0, 1]")
 
         # Subset and flips. Raw indices (positions in the full sorted file list) key the masks,
         # so a subset or a flipped copy keeps each image's own corruption.
@@ -97,6 +122,7 @@ class Dataset(torch.utils.data.Dataset):
                 "dataset.json (dataset_tool.py writes them from folder names) or train unconditionally")
         # Fail now, not in a worker, when the mask geometry does not fit the images.
         self.corruption.sample_mask([1] + self._raw_shape[1:], generator=torch.Generator().manual_seed(0))
+        self._raw_annotations()  # bad annotations fail now, with the entry named
 
     # ---- subclass interface -------------------------------------------------------------------
 
@@ -105,6 +131,9 @@ class Dataset(torch.utils.data.Dataset):
 
     def _load_raw_labels(self):  # -> None | int64 [N] | float32 [N, L]
         raise NotImplementedError
+
+    def _load_raw_annotations(self):  # -> None | (float64 [N, 2] (σ_min, σ_max), int64 [N] kind codes)
+        return None
 
     def close(self):
         pass
@@ -167,6 +196,61 @@ class Dataset(torch.utils.data.Dataset):
             self._draw_counter += 1
         return self.corruption.sample_hat_mask(mask[None], generator=gen)[0]
 
+    # ---- noise annotations (SPEC §3, noisy and low-quality data) -------------------------------
+
+    def _raw_annotations(self):
+        """(σ_min, σ_max) float64 [N_raw, 2] and kind codes int64 [N_raw] of every raw image."""
+        if self._annotations is None:
+            stored = self._load_raw_annotations()
+            if stored is not None and self.noise_sigma is not None:
+                raise DatasetError(f"dataset '{self._name}' has annotations in its dataset.json and synthetic noise "
+                                   "was asked for too (noise_sigma): use one of them")
+            if stored is not None:
+                levels, kinds = stored
+            else:
+                N = self._raw_shape[0]
+                levels = np.tile(np.array([[0.0, np.inf]]), (N, 1))
+                kinds = np.zeros(N, dtype=np.int64)
+                if self.noise_sigma is not None:
+                    noisy = self.synthetic_noisy_indices()
+                    levels[noisy] = (self.noise_sigma, 0.0)
+                    kinds[noisy] = KIND_CODES['noisy']
+            self._annotations = (np.asarray(levels, dtype=np.float64), np.asarray(kinds, dtype=np.int64))
+        return self._annotations
+
+    def synthetic_noisy_indices(self):
+        """The raw indices that `noise_sigma` makes noisy: all but round(clean_fraction · N), a seeded choice."""
+        N = self._raw_shape[0]
+        order = np.random.RandomState(seed_hash(_TAG_NOISY_SET, self.corruption_seed) % (1 << 31)).permutation(N)
+        return np.sort(order[int(round(self.clean_fraction * N)):])
+
+    @property
+    def has_annotations(self):
+        """Whether some image is trusted only at some noise levels (annotations or synthetic noise)."""
+        levels, kinds = self._raw_annotations()
+        return bool((kinds != 0).any())
+
+    def noise_levels(self):
+        """(σ_min, σ_max) of every dataset index (subset and flips applied), float64 [len, 2]."""
+        return self._raw_annotations()[0][self._raw_idx]
+
+    def annotation(self, idx):
+        """(σ_min, σ_max, kind) of dataset index `idx`."""
+        levels, kinds = self._raw_annotations()
+        raw_idx = self._raw_idx[idx]
+        return float(levels[raw_idx, 0]), float(levels[raw_idx, 1]), KINDS[kinds[raw_idx]]
+
+    def _noise(self, tag, raw_idx):
+        """A fixed standard-normal image of raw image `raw_idx` (unflipped frame), float32 [C, H, W]."""
+        return torch.randn(self._raw_shape[1:], generator=seeded_generator(tag, self.corruption_seed, raw_idx))
+
+    def noise_config(self):
+        """What defines the noisy dataset, for checkpoints."""
+        levels, kinds = self._raw_annotations()
+        return dict(noise_sigma=self.noise_sigma, clean_fraction=self.clean_fraction,
+                    num_noisy=int((kinds == KIND_CODES['noisy']).sum()),
+                    num_corrupted=int((kinds == KIND_CODES['corrupted']).sum()))
+
     # ---- items --------------------------------------------------------------------------------
 
     def _load_image(self, raw_idx):
@@ -188,25 +272,38 @@ class Dataset(torch.utils.data.Dataset):
         return self._raw_idx.size
 
     def __getitem__(self, key):
-        """Return (observation, label, A, Ã); the observation is A ⊙ x0 ('corrupted') or x0 ('clean'). With
-        `with_clean`, the clean image x0 follows, for diagnostics only (synthetically corrupted data)."""
-        idx, draw_id = (key if isinstance(key, (tuple, list)) else (key, None))
+        """Return (observation, label, A, Ã); the observation is A ⊙ x0 ('corrupted') or x0 ('clean'), with its
+        synthetic noise in 'corrupted' mode. With `noise_items`, (noise_info, fixed noise) follow Ã. With
+        `with_clean`, the clean image x0 comes last, for diagnostics only (synthetically corrupted data)."""
+        key = tuple(key) if isinstance(key, (tuple, list)) else (key,)
+        idx, draw_id, sigma = (key + (None, None))[:3]
         idx = int(idx)
         raw_idx = int(self._raw_idx[idx])
         image = torch.from_numpy(self._load_image(raw_idx).copy())  # [C, H, W] uint8
         mask = self.mask(raw_idx)
         hat = self.hat_mask(raw_idx, mask, draw_id)
-        if self._xflip[idx]:
-            image, mask, hat = (t.flip(-1) for t in (image, mask, hat))
+        flip = (lambda t: t.flip(-1)) if self._xflip[idx] else (lambda t: t)
+        image, mask, hat = flip(image), flip(mask), flip(hat)
+        clean = image.to(torch.float32) / 127.5 - 1
         if self.normalize:
-            image = image.to(torch.float32) / 127.5 - 1
-        if self.with_clean:
-            clean = image.clone()
+            image = clean
+        levels, kinds = self._raw_annotations() if (self.noise_sigma is not None or self.noise_items) else (None, None)
         if self.mode == 'corrupted':
+            if self.noise_sigma is not None and kinds[raw_idx] == KIND_CODES['noisy']:
+                noisy = clean + self.noise_sigma * flip(self._noise(_TAG_NOISE, raw_idx))
+                image = noisy if self.normalize else (noisy * 127.5 + 128).clamp(0, 255).to(torch.uint8)
             image = image * mask.to(image.dtype)
+        item = (image, self.get_label(idx), mask, hat)
+        if self.noise_items:
+            kind = int(kinds[raw_idx])
+            info = torch.tensor([np.nan if sigma is None else float(sigma), levels[raw_idx, 0], levels[raw_idx, 1], kind],
+                                dtype=torch.float64)  # σ exactly as the sampler judged it
+            fixed = flip(self._noise(_TAG_FIXED_NOISE, raw_idx)) if kind == KIND_CODES['corrupted'] else \
+                torch.zeros(self._raw_shape[1:])
+            item += (info, fixed)
         if self.with_clean:
-            return image, self.get_label(idx), mask, hat, clean
-        return image, self.get_label(idx), mask, hat
+            item += (clean,)
+        return item
 
     def get_details(self, idx):
         return dict(raw_idx=int(self._raw_idx[idx]), xflip=bool(self._xflip[idx]),
@@ -365,15 +462,25 @@ class ImageFolderDataset(Dataset):
     def _image_name(self, raw_idx):
         return f'{self._image_fnames[raw_idx]} in {self._path}'
 
-    def _load_raw_labels(self):
+    def _read_json_key(self, key):
         fname = 'dataset.json'
         if fname not in self._all_fnames:
             return None
         with self._open_file(fname) as f:
             try:
-                labels = json.load(f).get('labels')
+                return json.load(f).get(key)
             except (json.JSONDecodeError, AttributeError) as e:
-                raise DatasetError(f"{fname} in {self._path} is not valid JSON with a 'labels' entry: {e}") from None
+                raise DatasetError(f"{fname} in {self._path} is not valid JSON with a '{key}' entry: {e}") from None
+
+    def _load_raw_annotations(self):
+        entries = self._read_json_key('annotations')
+        if entries is None:
+            return None
+        return parse_annotations(entries, self._image_fnames, f'dataset.json in {self._path}')
+
+    def _load_raw_labels(self):
+        fname = 'dataset.json'
+        labels = self._read_json_key('labels')
         if labels is None:
             return None
         try:
@@ -416,6 +523,50 @@ def parse_labels(values, names, where):
         raise DatasetError(f"{where}: class labels go up to {num_classes - 1} but only {used} classes have images; "
                            "renumber the classes 0..K-1")
     return labels
+
+
+def _sigma_value(value, allow_inf):
+    if value is None and allow_inf:
+        return np.inf
+    if isinstance(value, str) and allow_inf and value.strip().lower() in ('inf', 'infinity'):
+        return np.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return np.nan
+    return float(value)
+
+
+def parse_annotations(entries, names, where):
+    """`"annotations": [[file, σ_min, σ_max, kind], ...]` -> (float64 [N, 2] levels, int64 [N] kind codes) for the
+    images `names`; images without an entry are clean, (0, ∞). σ_max may be null or "inf" (no upper trust
+    level). Refused with a DatasetError naming the entry: an unknown file, a file annotated twice, a σ that is
+    negative or not a number, an unknown kind."""
+    if not isinstance(entries, list):
+        raise DatasetError(f"{where}: 'annotations' must be a list of [file name, sigma_min, sigma_max, kind] entries")
+    position = {name: i for i, name in enumerate(names)}
+    levels = np.tile(np.array([[0.0, np.inf]]), (len(names), 1))
+    kinds = np.zeros(len(names), dtype=np.int64)
+    seen = set()
+    for entry in entries:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 4 or not isinstance(entry[0], str):
+            raise DatasetError(f"{where}: annotation {entry!r} is not [file name, sigma_min, sigma_max, kind]; the kind "
+                               "('noisy' or 'corrupted') says how the image is trusted, it is never guessed")
+        name, sigma_min, sigma_max, kind = entry
+        if name not in position:
+            raise DatasetError(f"{where}: annotation for {name}, which is not an image of the dataset")
+        if name in seen:
+            raise DatasetError(f"{where}: {name} is annotated twice; keep one entry per image")
+        seen.add(name)
+        smin, smax = _sigma_value(sigma_min, False), _sigma_value(sigma_max, True)
+        for label, value, raw in (('sigma_min', smin, sigma_min), ('sigma_max', smax, sigma_max)):
+            if np.isnan(value) or value < 0 or (label == 'sigma_min' and np.isinf(value)):
+                raise DatasetError(f"{where}: {label} of {name} is {raw!r}; noise levels are numbers >= 0 "
+                                   "(sigma_max may be null for no upper trust level)")
+        if kind not in ('noisy', 'corrupted'):
+            raise DatasetError(f"{where}: the kind of {name} is {kind!r}; use 'noisy' (the image carries Gaussian noise "
+                               "of std sigma_min) or 'corrupted' (another corruption, trusted above sigma_min)")
+        levels[position[name]] = (smin, smax)
+        kinds[position[name]] = KIND_CODES[kind]
+    return levels, kinds
 
 
 class HFImageDataset(Dataset):

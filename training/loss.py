@@ -67,6 +67,20 @@ def _augment(augment_pipe, images, masks=(), generator=None):
     return images, labels, tuple(masks)
 
 
+def _augment_with_clean(augment_pipe, images, masks, clean, generator):
+    """`_augment`, and the same augmentation replayed on the clean images (the all-pixel diagnostic) when given.
+    Returns (images, augment_labels, masks, clean)."""
+    if clean is None or augment_pipe is None:
+        return (*_augment(augment_pipe, images, masks, generator), clean)
+    generator = generator if generator is not None else torch.default_generator
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    states = [g.get_state() for g in gens]
+    images, labels, masks = _augment(augment_pipe, images, masks, generator)
+    for g, state in zip(gens, states):
+        g.set_state(state)
+    return images, labels, masks, _augment(augment_pipe, clean, generator=generator)[0]
+
+
 def _penalty(residual, norm):
     if norm == 2:
         return residual.square()
@@ -97,8 +111,10 @@ class _CleanLoss:
     def weight(self, sigma):
         raise NotImplementedError
 
-    def __call__(self, net, images, labels=None, augment_pipe=None, generator=None, augment_generator=None):
-        sigma = self.sample_sigma(images, generator)
+    def __call__(self, net, images, labels=None, augment_pipe=None, generator=None, augment_generator=None, sigma=None):
+        """`sigma`: the noise levels [N, 1, 1, 1] to train at; drawn from `generator` when None."""
+        if sigma is None:
+            sigma = self.sample_sigma(images, generator)
         weight = self.weight(sigma)
         y, augment_labels, _ = _augment(augment_pipe, images, generator=_augment_generator(generator, augment_generator))
         n = _randn(y.shape, y, generator) * sigma
@@ -181,17 +197,8 @@ class _AmbientLoss:
     def __call__(self, net, observation, mask, hat_mask, labels=None, augment_pipe=None, clean=None,
                  generator=None, augment_generator=None):
         sigma = self.sample_sigma(observation, generator)
-        aug_gen = _augment_generator(generator, augment_generator)
-        if clean is not None and augment_pipe is not None:
-            # Replay the same augmentation on the clean images for the all-pixel diagnostic.
-            aug_gen = aug_gen if aug_gen is not None else torch.default_generator
-            gens = aug_gen if isinstance(aug_gen, (list, tuple)) else [aug_gen]
-            states = [g.get_state() for g in gens]
-        y, augment_labels, (A, A_hat) = _augment(augment_pipe, observation, (mask, hat_mask), aug_gen)
-        if clean is not None and augment_pipe is not None:
-            for g, state in zip(gens, states):
-                g.set_state(state)
-            clean = _augment(augment_pipe, clean, generator=aug_gen)[0]
+        y, augment_labels, (A, A_hat), clean = _augment_with_clean(augment_pipe, observation, (mask, hat_mask), clean,
+            _augment_generator(generator, augment_generator))
         y = y * A  # Keep the observation exactly A ⊙ x0, whatever the caller passed.
         n = _randn(y.shape, y, generator) * sigma
         net_input = torch.cat([A_hat * (y + n), A_hat], dim=1)
@@ -239,3 +246,140 @@ class AmbientVPLoss(_AmbientLoss):
         return 1 / sigma ** 2
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Noisy and low-quality data (SPEC §3; Daras et al. 2024 "Consistent Diffusion Meets Tweedie", 2025 "Ambient Omni").
+
+def _as_sigma(sigma, like):
+    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    return sigma.reshape(-1, *([1] * (like.ndim - 1))) if sigma.ndim else sigma
+
+
+def tweedie_to_lower_noise(x0_pred, x_t, sigma_t, sigma_n):
+    """E[x_n | x_t] from x̂0 = E[x0 | x_t] (VE: x_t = x_n + sqrt(σ_t² − σ_n²)·z, x_n = x0 + σ_n·ε):
+    x̂_n = (1 − σ_n²/σ_t²)·x̂0 + (σ_n²/σ_t²)·x_t. `x_t` is at the higher level σ_t, the result at σ_n ≤ σ_t."""
+    ratio = (_as_sigma(sigma_n, x_t) / _as_sigma(sigma_t, x_t)) ** 2
+    return (1 - ratio) * x0_pred + ratio * x_t
+
+
+def tweedie_to_lower_noise_vp(x0_pred, x_t, vp_sigma_t, vp_sigma_n):
+    """The same in VP form (x_t = sqrt(1 − s_t²)·x0 + s_t·ε with VP noise std s ∈ (0, 1)): `x_t` is at the
+    higher level s_t, the result E[x_n | x_t] at s_n ≤ s_t. With α = sqrt((1 − s_t²)/(1 − s_n²)) and
+    β² = s_t² − α²s_n² (x_t = α·x_n + β·z): x̂_n = (x_t + (β²/s_t²)·(sqrt(1 − s_t²)·x̂0 − x_t)) / α.
+    (ambient-utils' `from_x0_pred_to_xnature_pred_vp_to_vp` has the two levels' roles the other way round.)"""
+    s_t, s_n = _as_sigma(vp_sigma_t, x_t), _as_sigma(vp_sigma_n, x_t)
+    if bool((s_n > s_t).any()) or bool((s_t >= 1).any()) or bool((s_n < 0).any()):
+        raise ValueError('tweedie_to_lower_noise_vp needs 0 <= vp_sigma_n <= vp_sigma_t < 1 (x_t is the noisier one)')
+    alpha = ((1 - s_t ** 2) / (1 - s_n ** 2)).sqrt()
+    beta2 = s_t ** 2 - alpha ** 2 * s_n ** 2
+    return (x_t + beta2 / s_t ** 2 * ((1 - s_t ** 2).sqrt() * x0_pred - x_t)) / alpha
+
+
+def ambient_factor(sigma_t, sigma_n):
+    """a = σ_t⁴/(σ_t² − σ_n²)²: with it, ‖x̂_n − x_n‖² weighs like ‖x̂0 − y‖² (1 at σ_n = 0)."""
+    return sigma_t ** 4 / (sigma_t ** 2 - sigma_n ** 2) ** 2
+
+
+def pseudo_target(x_n, x_t, sigma_t, sigma_n):
+    """y = (σ_t²·x_n − σ_n²·x_t)/(σ_t² − σ_n²), whose mean given x_t is E[x0 | x_t]."""
+    return (sigma_t ** 2 * x_n - sigma_n ** 2 * x_t) / (sigma_t ** 2 - sigma_n ** 2)
+
+
+NOISE_KIND_NOISY, NOISE_KIND_CORRUPTED = 1, 2  # training.dataset.KIND_CODES of 'noisy' and 'corrupted'
+
+
+class _NoisyLoss:
+    """Two-stage diffusion on images trusted at some noise levels (SPEC §3).
+
+    Per image: σ_t comes with the batch (the σ-first sampler, `noise_info[:, 0]`), (σ_min, σ_max, kind) from its
+    annotation. σ_tn = σ_min, or 0 when σ_min ≥ σ_t (the low-noise branch, σ_t < σ_max). x_tn is the image
+    itself for kind 'noisy' (it carries Gaussian noise of std σ_min) and for clean images, image + σ_tn·n_fixed
+    for kind 'corrupted'. x_t = x_tn + sqrt(σ_t² − σ_tn²)·n; D = D_θ(x_t, σ_t); x̂_tn = tweedie_to_lower_noise;
+    loss = λ(σ_t)·a·‖x̂_tn − x_tn‖² (`ambient_factor=False`: λ(σ_t)·‖x̂_tn − x_tn‖², the reference's variant).
+    """
+
+    sigma_first = True  # trains on (σ, image) pairs from the σ-first sampler
+
+    def sample_sigma(self, images, generator=None):
+        raise NotImplementedError
+
+    def weight(self, sigma):
+        raise NotImplementedError
+
+    def sigma_support(self):
+        """The noise levels the σ distribution can draw, (lo, hi)."""
+        raise NotImplementedError
+
+    def __call__(self, net, images, noise_info, fixed_noise, labels=None, augment_pipe=None, clean=None,
+                 generator=None, augment_generator=None):
+        sigma = noise_info[:, 0].reshape(-1, 1, 1, 1).to(images.dtype)
+        if bool(torch.isnan(sigma).any()):
+            raise ValueError('the noisy-data loss trains at the σ the σ-first sampler drew for each image; this batch has '
+                             'none (items need (index, position, σ) keys)')
+        sigma_min, kind = noise_info[:, 1].reshape(-1, 1, 1, 1), noise_info[:, 3].reshape(-1, 1, 1, 1)
+        # The branch is decided at the sampler's precision (float64 σ), then σ_tn takes the images' dtype.
+        high_branch = sigma_min < noise_info[:, 0].reshape(-1, 1, 1, 1)
+        sigma_tn = torch.where(high_branch, sigma_min, torch.zeros_like(sigma_min)).to(images.dtype)
+        x_tn = images + (kind == NOISE_KIND_CORRUPTED).to(images.dtype) * sigma_tn * fixed_noise.to(images.dtype)
+        x_tn, augment_labels, _, clean = _augment_with_clean(augment_pipe, x_tn, (), clean,
+            _augment_generator(generator, augment_generator))
+        # Noise scale and weight from the float64 levels: σ_t may lie within float32 rounding of σ_tn.
+        sigma64, sigma_tn64 = noise_info[:, 0].reshape(-1, 1, 1, 1), torch.where(high_branch, sigma_min, 0.0)
+        x_t = x_tn + _randn(x_tn.shape, x_tn, generator) * (sigma64 ** 2 - sigma_tn64 ** 2).sqrt().to(images.dtype)
+        D = net(x_t, sigma, labels, augment_labels=augment_labels)
+        x_hat_tn = tweedie_to_lower_noise(D, x_t, sigma, sigma_tn)
+        weight = self.weight(sigma64)
+        if self.ambient_factor:
+            weight = weight * ambient_factor(sigma64, sigma_tn64)
+        weight = weight.to(images.dtype)
+        loss = weight * (x_hat_tn - x_tn).square()
+        with torch.no_grad():
+            diagnostics = dict(loss=_masked_mean(loss), clean_target_share=(sigma_tn == 0).to(images.dtype).flatten())
+            if clean is not None:
+                diagnostics['loss_all'] = _masked_mean(self.weight(sigma) * (D - clean).square())
+        return loss, diagnostics
+
+    def to_dict(self):
+        return dict(class_name=f'{type(self).__module__}.{type(self).__name__}', **self.__dict__)
+
+
+def _check_s_max(s_max):
+    if s_max is not None and not s_max > 1:
+        raise ValueError(f's_max={s_max} must be > 1 (or None)')
+    return s_max
+
+
+class NoisyAmbientLoss(_NoisyLoss):
+    """The noisy-data loss with EDM's σ distribution and weighting (`--precond=ambient_noisy`)."""
+
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5, s_max=None, ambient_factor=True):
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+        self.s_max, self.ambient_factor = _check_s_max(s_max), bool(ambient_factor)
+
+    def sample_sigma(self, images, generator=None):
+        return edm_sigma(images, self.P_mean, self.P_std, generator)
+
+    def weight(self, sigma):
+        return edm_weight(sigma, self.sigma_data)
+
+    def sigma_support(self):
+        return (0.0, float('inf'))
+
+
+class NoisyAmbientVPLoss(_NoisyLoss):
+    """The noisy-data loss with the VP σ distribution and weight 1/σ² (`--precond=ambient_noisy_vp`)."""
+
+    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5, s_max=None, ambient_factor=True):
+        self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
+        self.s_max, self.ambient_factor = _check_s_max(s_max), bool(ambient_factor)
+
+    def sample_sigma(self, images, generator=None):
+        return vp_sample_sigma(images, self.beta_d, self.beta_min, self.epsilon_t, generator)
+
+    def weight(self, sigma):
+        return 1 / sigma ** 2
+
+    def sigma_support(self):
+        sigmas = vp_sigma(torch.tensor([self.epsilon_t, 1.0], dtype=torch.float64), self.beta_d, self.beta_min)
+        return (float(sigmas[0]), float(sigmas[1]))

@@ -26,6 +26,7 @@ from torch_utils import training_stats
 from torch_utils.images import save_image_grid
 from torch_utils.misc import seed_hash, seeded_generator
 from training import snapshots
+from training.sigma_first import SigmaFirstSampler
 
 
 def check_loss_fits_network(loss_fn, net):
@@ -150,7 +151,7 @@ def training_loop(
     if config.get('transferred') or run.get('transferred'):
         ema_rampup_ratio = None
     sampler, dataset_iterator = _data_stream(dataset_obj, run.sampler, seed, rank, world_size, batch_gpu,
-                                             data_loader_kwargs)
+                                             data_loader_kwargs, loss_fn)
     ddp = _distribute(net, device, world_size, compile)
     if run.rng is not None:
         _set_rng_state(run.rng)
@@ -234,6 +235,8 @@ def _construct(config, batch_gpu, device):
     dist.print0('Loading dataset...')
     dataset_obj = dnnlib.util.construct_class_by_name(**config['dataset_kwargs'])
     config['corruption'] = dataset_obj.corruption_config()
+    if dataset_obj.has_annotations:
+        config['corruption'].update(dataset_obj.noise_config())
     dist.print0('Constructing network...')
     net, config['network_kwargs'] = _build_network(config['network_kwargs'], dataset_obj, batch_gpu, device)
     loss_fn = dnnlib.util.construct_class_by_name(**config['loss_kwargs'])
@@ -321,9 +324,15 @@ def _save_state(run_dir, run, net, ema, optimizer, sampler, config):
         snapshots.save_state(run_dir, state)
 
 
-def _data_stream(dataset_obj, sampler_state, seed, rank, world_size, batch_gpu, data_loader_kwargs):
-    """(sampler, iterator of per-round batches) continuing from `sampler_state` (None = the start)."""
-    sampler = misc.InfiniteSampler(dataset_obj, rank=rank, num_replicas=world_size, seed=seed, yield_positions=True)
+def _data_stream(dataset_obj, sampler_state, seed, rank, world_size, batch_gpu, data_loader_kwargs, loss_fn=None):
+    """(sampler, iterator of per-round batches) continuing from `sampler_state` (None = the start). A loss that
+    trains on (σ, image) pairs (noisy data) gets the σ-first sampler, drawing σ from the loss's distribution."""
+    if getattr(loss_fn, 'sigma_first', False):
+        dummy = torch.zeros([1, 1, 1, 1], dtype=torch.float64)
+        sampler = SigmaFirstSampler(dataset_obj.noise_levels(), lambda gen: loss_fn.sample_sigma(dummy, gen).item(),
+            rank=rank, num_replicas=world_size, seed=seed, s_max=loss_fn.s_max, support=loss_fn.sigma_support())
+    else:
+        sampler = misc.InfiniteSampler(dataset_obj, rank=rank, num_replicas=world_size, seed=seed, yield_positions=True)
     if sampler_state is not None:
         sampler.load_state_dict(sampler_state)
     loader_generator = seeded_generator(seed, rank, 5)
@@ -356,12 +365,18 @@ def batch_loss(net, loss_fn, batch, positions, seed, device, ambient, augment_pi
 
     σ and the noise of each example come from a generator keyed by (seed, its sampler position), its
     augmentation from another one keyed the same way."""
-    observation, labels, mask, hat_mask, *clean = batch  # the clean image only for the loss_all diagnostic
+    observation, labels, mask, hat_mask, *rest = batch  # the clean image last, only for the loss_all diagnostic
     generators = [seeded_generator(seed, 6, p) for p in positions]
     augment_generator = [seeded_generator(seed, 7, p) for p in positions] if augment_pipe is not None else None
     observation, mask, hat_mask = (t.to(device, non_blocking=True) for t in (observation, mask, hat_mask))
     labels = labels.to(device) if labels.shape[-1] > 0 else None
-    if ambient:
+    if getattr(loss_fn, 'sigma_first', False):
+        noise_info, fixed_noise, *clean = rest
+        loss, diagnostics = loss_fn(net=net, images=observation, noise_info=noise_info.to(device),
+            fixed_noise=fixed_noise.to(device), labels=labels, augment_pipe=augment_pipe, generator=generators,
+            augment_generator=augment_generator, clean=clean[0].to(device) if clean else None)
+    elif ambient:
+        clean = rest
         loss, diagnostics = loss_fn(net=net, observation=observation, mask=mask, hat_mask=hat_mask, labels=labels,
             augment_pipe=augment_pipe, generator=generators, augment_generator=augment_generator,
             clean=clean[0].to(device) if clean else None)
