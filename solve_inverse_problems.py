@@ -32,7 +32,7 @@ from torch_utils import distributed as dist
 from torch_utils.ambient_diffusion import gaussian_kernel, get_operator
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
-from training import cli, metrics, samplers, snapshots
+from training import cli, inverse, metrics, snapshots
 from training.dataset import ImageFolderDataset
 from training.snapshots import kimg_tag
 
@@ -144,9 +144,9 @@ def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None)
         if not batch_seeds:
             continue
         x0 = _load_refs(dataset, batch_seeds, net, device)
-        y, params = samplers.measure(operator, x0, batch_seeds)
+        y, params = inverse.measure(operator, x0, batch_seeds)
         start = time.time()
-        x_hat = samplers.solve_batch(net, operator, y, params, batch_seeds, opts.dps_scale, norm=opts.norm,
+        x_hat = inverse.solve_batch(net, operator, y, params, batch_seeds, opts.dps_scale, norm=opts.norm,
                                      class_labels=opts.get('class_idx'),
                                      device=device, **sampler_kwargs)
         seconds = (time.time() - start) / len(batch_seeds)
@@ -242,7 +242,7 @@ def solve(opts):
         if opts.num_classes and opts.num_classes != info.label_dim:
             raise click.UsageError(f'--num_classes={opts.num_classes} but {path} has {info.label_dim} classes')
         _sampler_corruption(info, opts)
-        samplers.measure(operator, _load_refs(dataset, [min(opts.seeds), max(opts.seeds)], net, 'cpu')[:1], opts.seeds[:1])
+        inverse.measure(operator, _load_refs(dataset, [min(opts.seeds), max(opts.seeds)], net, 'cpu')[:1], opts.seeds[:1])
         cli.claim_output_dir(outdir, dict(network_sha256=cli.file_digest(path), **{key: opts[key] for key in OUTPUT_OPTIONS},
                                           measurements=os.path.realpath(opts.measurements_path)))
         dist.print0(f'Network {path} ({info.format}, kimg {info.kimg}); operator {operator}')
@@ -276,7 +276,7 @@ def solve(opts):
 @click.option('--intensity',          help='Motion blur: intensity', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option('--num_measurements',   help='Compressed sensing: measurements m', metavar='INT', type=click.IntRange(min=2), default=32, show_default=True)
 @click.option('--dps_scale',          help='DPS weight ζ', metavar='FLOAT', type=click.FloatRange(0, 100), default=5.0, show_default=True)
-@click.option('--norm',               help='DPS residual norm (batch = the original\'s, couples samples)', type=click.Choice(list(samplers.DPS_NORMS)), default='per_sample', show_default=True)
+@click.option('--norm',               help='DPS residual norm (batch = the original\'s, couples samples)', type=click.Choice(list(inverse.DPS_NORMS)), default='per_sample', show_default=True)
 @click.option('--ref',                help='Also score the reconstructions (FID/IS) against these statistics, as the original could', metavar='NPZ|URL', type=str)
 @click.option('--num', '--num_images', 'num', help='Reconstructions to score  [default: all seeds]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--seed',               help='Seed of the scored subset when there are more', metavar='INT', type=int, default=0, show_default=True)

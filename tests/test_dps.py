@@ -1,4 +1,4 @@
-"""Tests for DPS (training/samplers.py: dps_term, measure, solve_batch) and solve_inverse_problems.py."""
+"""Tests for DPS (training/inverse.py: dps_term, measure, solve_batch) and solve_inverse_problems.py."""
 
 import json
 import os
@@ -16,7 +16,7 @@ from test_eval import TINY
 from test_samplers import GaussianNet
 from torch_utils.ambient_diffusion import MaskCorruption, get_operator
 from torch_utils.misc import StackedRandomGenerator
-from training import samplers
+from training import inverse, samplers
 
 # ----------------------------------------------------------------------------
 # PSNR and SSIM.
@@ -87,13 +87,13 @@ def test_dps_is_measurement_consistent_and_beats_the_baseline(name, kwargs, zeta
     x0 = _truth(1)
     net = _prior_net(x0)
     operator = get_operator(name, **kwargs)
-    y, params = samplers.measure(operator, x0, [7])
+    y, params = inverse.measure(operator, x0, [7])
 
     def error(x):
         return (operator.apply(x.double(), params) - y).flatten(1).norm(dim=1)
 
-    plain = samplers.solve_batch(net, operator, y, params, [7], 0.0, **SAMPLER)
-    dps = samplers.solve_batch(net, operator, y, params, [7], zeta, **SAMPLER)
+    plain = inverse.solve_batch(net, operator, y, params, [7], 0.0, **SAMPLER)
+    dps = inverse.solve_batch(net, operator, y, params, [7], zeta, **SAMPLER)
     baseline = operator.naive_inverse(y, params)
     assert (error(dps) < 0.5 * error(plain)).all(), (error(dps), error(plain))
     psnr = lambda x: solve_cli.psnr((x.double() + 1) / 2, (x0 + 1) / 2)
@@ -105,9 +105,9 @@ def test_zero_scale_is_the_unconditional_sample():
     x0 = _truth(3)
     net = _prior_net(x0)
     operator = get_operator('dust', corruption_probability=0.3)
-    y, params = samplers.measure(operator, x0, [0, 1, 2])
+    y, params = inverse.measure(operator, x0, [0, 1, 2])
     kwargs = dict(num_steps=4, S_churn=3.0)
-    solved = samplers.solve_batch(net, operator, y, params, [0, 1, 2], 0.0, corruption=MaskCorruption('dust', 0.2), **kwargs)
+    solved = inverse.solve_batch(net, operator, y, params, [0, 1, 2], 0.0, corruption=MaskCorruption('dust', 0.2), **kwargs)
     sampled = samplers.generate_batch(net, [0, 1, 2], corruption=MaskCorruption('dust', 0.2), **kwargs)
     assert torch.equal(solved, sampled)
 
@@ -116,29 +116,29 @@ def test_clean_network_runs_in_the_same_loop():
     x0 = _truth(2)
     clean = GaussianNet(x0[:1] * 0.9, 0.3, channels=1, resolution=RES, ambient=False).eval()
     operator = get_operator('averaging', downsampling_factor=4)
-    y, params = samplers.measure(operator, x0, [4, 5])
-    solved = samplers.solve_batch(clean, operator, y, params, [4, 5], 0.0, num_steps=5)
+    y, params = inverse.measure(operator, x0, [4, 5])
+    solved = inverse.solve_batch(clean, operator, y, params, [4, 5], 0.0, num_steps=5)
     torch.testing.assert_close(solved, samplers.generate_batch(clean, [4, 5], num_steps=5), rtol=0, atol=1e-6)
-    guided = samplers.solve_batch(clean, operator, y, params, [4, 5], 2.0, num_steps=5)
+    guided = inverse.solve_batch(clean, operator, y, params, [4, 5], 2.0, num_steps=5)
     assert not torch.equal(guided, solved)
     with pytest.raises(ValueError, match='ambient networks only'):
-        samplers.solve_batch(clean, operator, y, params, [4, 5], 1.0, corruption=MaskCorruption('dust', 0.2))
+        inverse.solve_batch(clean, operator, y, params, [4, 5], 1.0, corruption=MaskCorruption('dust', 0.2))
 
 
 def test_measurements_depend_on_the_seed_alone():
     x0 = _truth(4)
     for name in ('dust', 'box_masking', 'compressed_sensing'):
         operator = get_operator(name, corruption_probability=0.4)
-        y, params = samplers.measure(operator, x0, [10, 11, 12, 13])
-        y2, params2 = samplers.measure(operator, x0[2:], [12, 13])
+        y, params = inverse.measure(operator, x0, [10, 11, 12, 13])
+        y2, params2 = inverse.measure(operator, x0[2:], [12, 13])
         assert torch.equal(params[2:], params2) and torch.equal(y[2:], y2)
         assert not torch.equal(params[0], params[1])
     motion = get_operator('blurring', blur_type='motion', kernel_size=5, intensity=0.5)
-    a, b = (samplers.measure(motion, x0[:2], s)[1] for s in ([0, 1], [0, 2]))
+    a, b = (inverse.measure(motion, x0[:2], s)[1] for s in ([0, 1], [0, 2]))
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
     # The measurement stream is not the sampler's latent stream.
     latent = StackedRandomGenerator('cpu', [5]).randn([1, 8])
-    assert not torch.equal(torch.randn([1, 8], generator=samplers.measurement_generators([5])[0]), latent)
+    assert not torch.equal(torch.randn([1, 8], generator=inverse.measurement_generators([5])[0]), latent)
 
 
 def test_reconstructions_do_not_depend_on_the_batch():
@@ -146,10 +146,10 @@ def test_reconstructions_do_not_depend_on_the_batch():
     x0 = _truth(4)
     net = _prior_net(x0)
     operator = get_operator('dust', corruption_probability=0.5)
-    y, params = samplers.measure(operator, x0, seeds)
+    y, params = inverse.measure(operator, x0, seeds)
     kwargs = dict(corruption=MaskCorruption('dust', 0.3), num_steps=5, S_churn=2.0)
-    whole = samplers.solve_batch(net, operator, y, params, seeds, 1.5, **kwargs)
-    parts = [samplers.solve_batch(net, operator, *samplers.measure(operator, x0[i:j], seeds[i:j]), seeds[i:j], 1.5, **kwargs)
+    whole = inverse.solve_batch(net, operator, y, params, seeds, 1.5, **kwargs)
+    parts = [inverse.solve_batch(net, operator, *inverse.measure(operator, x0[i:j], seeds[i:j]), seeds[i:j], 1.5, **kwargs)
              for i, j in ((0, 1), (1, 4))]
     assert torch.equal(whole, torch.cat(parts))
 
@@ -161,20 +161,20 @@ def test_dps_term_norms():
     params = operator.sample_params(x.shape, g).double()
     y = operator.apply(torch.randn(x.shape, generator=g, dtype=torch.float64), params)
     r = (y - operator.apply(x, params)).norm()
-    per = samplers.dps_term(operator, y, params, 3.0)(None, None, x)
+    per = inverse.dps_term(operator, y, params, 3.0)(None, None, x)
     assert per.shape == (1,) and torch.allclose(per, 3 * r)
     # Two equal samples: the batch norm is ζ·√2·√2·‖r‖ and its per-sample gradient equals the per-sample norm's.
     x2 = x.repeat(2, 1, 1, 1).requires_grad_(True)
     y2, params2 = y.repeat(2, 1), params.repeat(2, 1, 1, 1, 1)
-    batch = samplers.dps_term(operator, y2, params2, 3.0, norm='batch')(None, None, x2)
+    batch = inverse.dps_term(operator, y2, params2, 3.0, norm='batch')(None, None, x2)
     assert batch.ndim == 0 and torch.allclose(batch, 3 * 2 * r)
     grad_batch = torch.autograd.grad(batch, x2)[0]
-    grad_per = torch.autograd.grad(samplers.dps_term(operator, y2, params2, 3.0)(None, None, x2).sum(), x2)[0]
+    grad_per = torch.autograd.grad(inverse.dps_term(operator, y2, params2, 3.0)(None, None, x2).sum(), x2)[0]
     torch.testing.assert_close(grad_batch, grad_per)
     with pytest.raises(ValueError, match='norm'):
-        samplers.dps_term(operator, y, params, 1.0, norm='global')
+        inverse.dps_term(operator, y, params, 1.0, norm='global')
     with pytest.raises(ValueError, match='zeta'):
-        samplers.dps_term(operator, y, params, -1.0)
+        inverse.dps_term(operator, y, params, -1.0)
 
 # ----------------------------------------------------------------------------
 # The command.

@@ -401,7 +401,7 @@ def test_solve_scores_its_reconstructions_like_the_original(tmp_path, data, snap
 def test_dps_in_the_originals_units_takes_the_originals_steps():
     """--guidance_units=original with --norm=batch: x moves by +ζ·g, g = −∇‖y − 𝒜(D_0)‖_F over the whole batch, in
     both Heun stages (the original solve_inverse_problems.py sampler), checked step for step in float64."""
-    from training import samplers
+    from training import inverse, samplers
     from torch_utils.ambient_diffusion import RandomInpainting
 
     torch.manual_seed(1)
@@ -429,7 +429,7 @@ def test_dps_in_the_originals_units_takes_the_originals_steps():
             x = x + 0.5 * (d1 + (t_next - t_hat) * (x + d1 - D2) / t_next + zeta * g2)
         else:
             x = x + d1
-    term = samplers.dps_term(operator, y, params, zeta / math.sqrt(2), norm='batch')  # what solve_batch passes
+    term = inverse.dps_term(operator, y, params, zeta / math.sqrt(2), norm='batch')  # what solve_batch passes
     ours = samplers.ambient_sampler(net, latents, mask, num_steps=3, sigma_max=5, extra_guidance=[term],
                                     guidance_units='original')
     torch.testing.assert_close(ours, x, rtol=1e-9, atol=1e-9)

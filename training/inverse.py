@@ -1,0 +1,135 @@
+"""Inverse problems with a trained denoiser: measurements and Diffusion Posterior Sampling (Chung et al. 2023).
+
+Measurements y = 𝒜(x0) take their operator parameters (masks, kernels, Φ) from per-seed generators of their
+own (`measurement_generators`), so a measurement depends on its seed alone. DPS adds the data-consistency term
+ζ‖y − 𝒜(D0)‖ (`dps_term`) to the guided ambient sampler's `extra_guidance`, for ambient networks (their fixed
+sampling masks) and clean ones alike (`_CleanAsAmbient`, an all-ones mask).
+"""
+
+import math
+import numbers
+
+import torch
+
+from torch_utils.misc import StackedRandomGenerator, seeded_generator
+from training.samplers import _class_labels, _finite_images, _net_device, _round_sigma, ambient_sampler, sample_masks
+
+DPS_NORMS = ('per_sample', 'batch')
+_MEASUREMENT_STREAM = 1     # spawn key that separates the measurement stream from the sampler's
+
+
+def measurement_generators(seeds, device=None):
+    """Per-seed CPU generators of the measurement operator's parameters (masks, kernels, Φ).
+
+    Seed s gets `seeded_generator(s, spawn_key=(1,))`: a stream of its own, not the sampler's
+    (`StackedRandomGenerator` seeds with s itself; torch's CPU generator keeps only 32 bits of a seed, so an
+    offset such as 2**32 + s would give the same stream). A
+    measurement depends on its seed alone, not on its batch, process or device. `device`: where the generators
+    live (default CPU, so that the parameters are the same on every device).
+    """
+    return [seeded_generator(s, spawn_key=(_MEASUREMENT_STREAM,), device=device) for s in seeds]
+
+
+def measure(operator, x0, seeds):
+    """(y, params) = (𝒜(x0), params) with params drawn from `measurement_generators(seeds)`, on x0's device."""
+    if x0.shape[0] != len(seeds):
+        raise ValueError(f'{len(seeds)} seeds for {x0.shape[0]} images; pass one seed per image')
+    params = operator.sample_params(x0.shape, measurement_generators(seeds), device=x0.device)
+    return operator.apply(x0, params), params
+
+
+def dps_term(operator, y, params, zeta, norm='per_sample'):
+    """DPS data-consistency term for `extra_guidance`: term(x, sigma, D0) -> loss.
+
+    norm='per_sample': ζ‖y_i − 𝒜(D0_i)‖ per sample, [N] (the samples do not interact).
+    norm='batch': ζ·√N·‖y − 𝒜(D0)‖_F over the whole batch, a scalar: the original's batch-global norm
+    (giannisdaras/ambient-diffusion `solve_inverse_problems.py`), which couples the samples. Its gradient for
+    sample i is ζ·√N·J_iᵀr_i/‖r‖_F; the factor √N makes it equal to the per-sample gradient ζ·J_iᵀr_i/‖r_i‖
+    when every residual has the same norm (‖r‖_F = √N‖r_i‖). The original's unscaled ζ_orig is therefore
+    ζ = ζ_orig/√N here.
+    The sampler subtracts the gradient from the denoised estimate, so x moves by ζ·(t̂ − t_{i+1})/t̂ times the
+    gradient per Heun stage (see the module docstring), where the original added ζ_orig times it to the
+    ODE step: to reproduce a step of the original, divide its ζ by that ratio as well. Norms are not squared.
+    """
+    if norm not in DPS_NORMS:
+        raise ValueError(f'norm={norm!r} is unknown; pass one of {", ".join(DPS_NORMS)}')
+    if isinstance(zeta, bool) or not isinstance(zeta, numbers.Real) or not 0 <= zeta < math.inf:
+        raise ValueError(f'zeta={zeta!r} is invalid; pass a DPS scale >= 0')
+
+    def term(x, sigma, D0):
+        residual = (y.to(D0.device, D0.dtype) - operator.apply(D0, params)).flatten(1)    # [N, m]
+        if residual.shape[0] != D0.shape[0]:
+            raise ValueError(f'the measurements hold {y.shape[0]} samples but the batch has {D0.shape[0]}')
+        if norm == 'per_sample':
+            return zeta * residual.norm(dim=1)                                           # [N]
+        return zeta * math.sqrt(residual.shape[0]) * residual.norm()
+
+    return term
+
+
+class _CleanAsAmbient(torch.nn.Module):
+    """A clean denoiser seen as an ambient one: input [M ⊙ x, M], mask channels dropped.
+
+    With all-ones masks it is exactly the clean network, so clean and ambient models share one guided
+    integration loop (`ambient_sampler`).
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.ambient = True
+        self.img_channels = 2 * net.img_channels
+        for name in ('img_resolution', 'label_dim', 'sigma_min', 'sigma_max'):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+
+    def round_sigma(self, sigma):
+        return _round_sigma(self.net)(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.net(x[:, :self.net.img_channels], sigma, class_labels)
+
+
+def solve_batch(net, operator, y, params, seeds, zeta, corruption=None, norm='per_sample', device=None,
+                num_masks=1, class_labels=None, **sampler_kwargs):
+    """DPS reconstructions [N, C, H, W] float32 in [−1, 1] of measurements y = 𝒜(x0) with parameters `params`.
+
+    The sampler's random stream is `generate_batch`'s (per seed: latents, class label, masks, churn), so with
+    ζ = 0 the result is the unconditional sample of the same seed. Ambient networks use `ambient_sampler` with
+    K = num_masks masks from `corruption` (the sampling masks, independent of the operator); clean networks run
+    in the same loop with an all-ones mask (`corruption` must be None). The DPS term (`dps_term`, ζ > 0) joins
+    any `extra_guidance` in sampler_kwargs. With norm='per_sample' a sample does not depend on its batch.
+    device=None: the network's device.
+    """
+    if isinstance(net, torch.nn.Module) and net.training:
+        raise ValueError('the network is in training mode (dropout active); call net.eval() before sampling')
+    device = torch.device(device) if device is not None else _net_device(net)
+    rnd = StackedRandomGenerator(device, seeds)
+    n = len(rnd.seeds)
+    if y.shape[0] != n:
+        raise ValueError(f'y holds {y.shape[0]} measurements for {n} seeds; pass one seed per measurement')
+    ambient = bool(getattr(net, 'ambient', False))
+    channels = net.img_channels // 2 if ambient else net.img_channels
+    shape = [n, channels, net.img_resolution, net.img_resolution]
+    latents = rnd.randn(shape, device=device)
+    labels = _class_labels(net, class_labels, rnd, n, device)
+    if ambient:
+        if corruption is None:
+            raise ValueError('an ambient network needs corruption=MaskCorruption(...) to draw its sampling masks')
+        masks = sample_masks(corruption, shape, num_masks, rnd.generators).to(device)
+    else:
+        if corruption is not None or num_masks != 1:
+            raise ValueError('corruption and num_masks apply to ambient networks only; leave them unset for a '
+                             'clean network')
+        net = _CleanAsAmbient(net)
+        masks = torch.ones([n, 1, *shape[1:]], device=device)
+    params = params.to(device) if isinstance(params, torch.Tensor) else params
+    guidance = list(sampler_kwargs.pop('extra_guidance', ()))
+    if sampler_kwargs.get('guidance_units') == 'original' and norm == 'batch':
+        zeta = zeta / math.sqrt(n)  # the original's ζ·‖y − 𝒜(D0)‖_F, without our √N
+    term = dps_term(operator, y.to(device), params, zeta, norm)                          # validates ζ and norm
+    if zeta > 0:  # ζ = 0 adds nothing; skipping it also skips the gradient's backward pass.
+        guidance.append(term)
+    images = ambient_sampler(net, latents, masks, labels, randn_like=rnd.randn_like, extra_guidance=guidance,
+                             **sampler_kwargs)
+    return _finite_images(images, seeds)
