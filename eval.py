@@ -75,6 +75,23 @@ def generate_images(net, info, seeds, outdir, batch=64, subdirs=False, class_idx
     return count
 
 
+def save_class_grid(net, info, seeds, dest, corruption=None, sampler_kwargs={}, num_masks=1, resample_guidance_masks=False,
+                    batch=64, device=None):
+    """One row per class, the same seeds (so the same initial noise) in every row: `dest` PNG (rank 0 writes)."""
+    if not info.label_dim:
+        raise click.UsageError('--class_grid draws one row per class; this network is unconditional')
+    device = torch.device(device) if device is not None else dist.device()
+    rows = []
+    for k in tqdm.tqdm(range(info.label_dim), desc='Class grid', unit='class', disable=dist.get_rank() != 0):
+        kwargs = dict(sampler_kwargs)
+        if info.ambient:
+            kwargs.update(corruption=corruption, num_masks=num_masks, resample_guidance_masks=resample_guidance_masks)
+        rows += [samplers.generate_batch(net, seeds[i:i + batch], class_labels=k, device=device, **kwargs)
+                 for i in range(0, len(seeds), batch)]
+    if dist.get_rank() == 0:
+        save_image_grid(torch.cat(rows).cpu(), dest, grid_w=len(seeds))
+
+
 def _process_snapshot(path, opts, detector_cache, given=()):
     net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                          allow_unsafe_pickle=opts.allow_unsafe_pickle)
@@ -82,21 +99,33 @@ def _process_snapshot(path, opts, detector_cache, given=()):
     refuse_ignored(given, [(name, not info.ambient and opts[name] != default, f'{path} is a clean network; it applies '
                             'to ambient ones') for name, default in (('guidance_scale', 0), ('guidance_units', 'ours'),
                            ('clipping', 'static'), ('resample_guidance_masks', False))])
+    discrete_grid = hasattr(net, 'discrete_sigmas') and opts.solver in ('ddim', 'ddpm')
+    refuse_ignored(given, [(name, discrete_grid, f'--solver={opts.solver} steps through {path}\'s own discrete levels '
+                            '(DDIM\'s skipped grid of --steps)') for name in ('sigma_min', 'sigma_max', 'rho')])
     if opts.get('num_classes') and opts.num_classes != info.label_dim:
         raise click.UsageError(f'--num_classes={opts.num_classes} but {path} has {info.label_dim} classes')
     tag = kimg_tag(info.nimg) if info.nimg is not None else os.path.splitext(os.path.basename(path))[0]
     outdir = os.path.join(opts.outdir, tag)
     sampler_kwargs = dict(num_steps=opts.steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
-        S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise, solver=opts.solver)
+        S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise, solver=opts.solver,
+        eta=opts.eta, variance=opts.ddpm_variance)
+    if opts.cfg_scale is not None:
+        net = samplers.ClassifierFreeGuidance(net, opts.cfg_scale)
+    if opts.class_grid and not info.label_dim:  # before generating anything
+        raise click.UsageError(f'--class_grid draws one row per class; {path} is unconditional')
     if info.ambient:
         sampler_kwargs.update(guidance_scale=opts.guidance_scale, clipping=opts.clipping, guidance_units=opts.guidance_units)
     dist.print0(f'Network {path} ({info.format}, kimg {info.kimg}); corruption {corruption}')
     claim_output_dir(outdir, dict(network_sha256=file_digest(path), sampler=sampler_kwargs,
         corruption=corruption.to_dict() if corruption is not None else None, num_masks=opts.num_masks,
-        resample_guidance_masks=opts.resample_guidance_masks, class_idx=opts.class_idx, subdirs=opts.subdirs))
+        resample_guidance_masks=opts.resample_guidance_masks, class_idx=opts.class_idx, subdirs=opts.subdirs,
+        cfg_scale=opts.cfg_scale))
     generate_images(net, info, opts.seeds, outdir, batch=opts.batch, subdirs=opts.subdirs, class_idx=opts.class_idx,
         corruption=corruption, sampler_kwargs=sampler_kwargs, num_masks=opts.num_masks,
         resample_guidance_masks=opts.resample_guidance_masks, grid_path=os.path.join(opts.outdir, f'grid-{tag}.png'))
+    if opts.class_grid:
+        save_class_grid(net, info, opts.seeds[:opts.class_grid], os.path.join(opts.outdir, f'class-grid-{tag}.png'),
+                        corruption, sampler_kwargs, opts.num_masks, opts.resample_guidance_masks, opts.batch)
     if opts.ref is not None:
         if 'detector' not in detector_cache:
             detector_cache['detector'] = load_detector(opts)
@@ -162,6 +191,7 @@ def ref(opts):
 @click.option('--seeds',            help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=parse_int_list, default='0-63', show_default=True)
 @click.option('--subdirs',          help='Put images in subdirectories of 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--class_grid',       help='Also write {outdir}/class-grid-{kimg}.png: one row per class, the first N seeds in each', metavar='N', type=click.IntRange(min=1))
 @sampler_options
 @click.option('--resample_guidance_masks', help='Draw new guidance masks at every step', is_flag=True)
 @sampling_mask_options
@@ -179,7 +209,8 @@ def generate(opts):
     if opts.watch and not os.path.isdir(opts.network):
         raise click.BadParameter('--watch polls a run directory; --network is not one', param_hint='--watch')
     given = given_options()
-    refuse_ignored(given, guidance_rules(opts))
+    refuse_ignored(given, guidance_rules(opts) + [('class_grid', opts.class_idx is not None, 'it draws every class; '
+                                                   'drop --class')])
     check_output_dir(opts.outdir)
     done, detector_cache = set(), {}
     while True:

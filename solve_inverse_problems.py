@@ -32,7 +32,7 @@ from torch_utils import distributed as dist
 from torch_utils.ambient_diffusion import gaussian_kernel, get_operator
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
-from training import cli, inverse, metrics, snapshots
+from training import cli, inverse, metrics, samplers, snapshots
 from training.dataset import ImageFolderDataset
 from training.snapshots import kimg_tag
 
@@ -47,7 +47,8 @@ OUTPUT_OPTIONS = ('corruption_pattern', 'operator_corruption_probability', 'oper
                   'blur_type', 'kernel_size', 'kernel_std', 'intensity', 'num_measurements', 'dps_scale', 'norm',
                   'corruption_probability', 'delta_probability', 'mask_full_rgb', 'steps', 'sigma_min', 'sigma_max',
                   'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'solver', 'num_masks', 'guidance_scale', 'clipping',
-                  'guidance_units', 'subdirs', 'class_idx')
+                  'guidance_units', 'subdirs', 'class_idx', 'eta', 'ddpm_variance', 'cfg_scale', 'method', 'jump_length',
+                  'jump_n_sample')
 
 # ---------------------------------------------------------------------------------------------
 # Image quality.
@@ -130,7 +131,10 @@ def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None)
     corruption = _sampler_corruption(info, opts)
     sampler_kwargs = dict(num_steps=opts.steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
         S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise, solver=opts.solver,
-        guidance_scale=opts.guidance_scale, clipping=opts.clipping, guidance_units=opts.guidance_units)
+        guidance_scale=opts.guidance_scale, clipping=opts.clipping, guidance_units=opts.guidance_units,
+        eta=opts.eta, variance=opts.ddpm_variance)
+    if opts.get('cfg_scale') is not None:
+        net = samplers.ClassifierFreeGuidance(net, opts.cfg_scale)
     if info.ambient:
         sampler_kwargs.update(corruption=corruption, num_masks=opts.num_masks)
     subdirs = opts.get('subdirs', False)
@@ -146,7 +150,9 @@ def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None)
         x0 = _load_refs(dataset, batch_seeds, net, device)
         y, params = inverse.measure(operator, x0, batch_seeds)
         start = time.time()
-        x_hat = inverse.solve_batch(net, operator, y, params, batch_seeds, opts.dps_scale, norm=opts.norm,
+        x_hat = inverse.solve_batch(net, operator, y, params, batch_seeds,
+                                     opts.dps_scale if opts.method == 'dps' else 0.0, norm=opts.norm, method=opts.method,
+                                     jump_length=opts.jump_length, jump_n_sample=opts.jump_n_sample,
                                      class_labels=opts.get('class_idx'),
                                      device=device, **sampler_kwargs)
         seconds = (time.time() - start) / len(batch_seeds)
@@ -212,7 +218,7 @@ def summarize(outdir, seeds):
 def _print_summary(summary, outdir):
     dist.print0(f'\nSummary of {summary["num_images"]} images in {outdir}')
     dist.print0(f'{"method":<10} {"PSNR (dB)":>10} {"SSIM":>8}')
-    dist.print0(f'{"DPS":<10} {summary["psnr"]:>10.3f} {summary["ssim"]:>8.4f}')
+    dist.print0(f'{summary.get("method", "dps"):<10} {summary["psnr"]:>10.3f} {summary["ssim"]:>8.4f}')
     dist.print0(f'{"baseline":<10} {summary["baseline_psnr"]:>10.3f} {summary["baseline_ssim"]:>8.4f}')
     dist.print0(f'seconds per image: {summary["seconds"]:.3f}')
 
@@ -223,11 +229,18 @@ def solve(opts):
     cli.refuse_ignored(cli.given_options(), cli.guidance_rules(opts) + [
         ('num', opts.ref is None, 'it is the number of images --ref scores'),
         ('seed', opts.ref is None, 'it picks the subset --ref scores'),
-        ('detector', opts.ref is None, 'it scores the images for --ref')] + [
+        ('detector', opts.ref is None, 'it scores the images for --ref'),
+        ('dps_scale', opts.method != 'dps', f'--method={opts.method} replaces known pixels instead of a DPS term'),
+        ('norm', opts.method != 'dps', f'--method={opts.method} has no DPS term'),
+        ('jump_length', opts.method != 'repaint', 'it is RePaint\'s; add --method=repaint'),
+        ('jump_n_sample', opts.method != 'repaint', 'it is RePaint\'s; add --method=repaint')] + [
         (name, pattern not in users, f'--corruption_pattern={pattern} does not use it')
         for name, users in OPERATOR_OPTIONS.items()] + [
         ('kernel_std', opts.blur_type != 'gaussian', f'--blur_type={opts.blur_type} does not use it'),
         ('intensity', opts.blur_type != 'motion', f'--blur_type={opts.blur_type} does not use it')])
+    if opts.method != 'dps' and pattern not in ('dust', 'box_masking'):
+        raise click.UsageError(f'--method={opts.method} replaces known pixels: it needs an inpainting operator '
+                               f'(--corruption_pattern=dust or box_masking), not {pattern}')
     cli.check_output_dir(opts.outdir)
     operator = build_operator(opts)
     dataset = ImageFolderDataset(opts.measurements_path, mode='clean')
@@ -249,7 +262,7 @@ def solve(opts):
         solve_images(net, info, operator, dataset, opts.seeds, outdir, opts)
         if dist.get_rank() == 0:
             save_grids(outdir, opts.seeds, opts.subdirs)
-            summaries[path] = summarize(outdir, opts.seeds)
+            summaries[path] = dict(summarize(outdir, opts.seeds), method=opts.method)
             _print_summary(summaries[path], outdir)
         if opts.ref is not None:  # the original's FID of the reconstructions, into {outdir}/fid/metrics.jsonl
             cli.score_images(os.path.join(outdir, 'reconstruction'), dnnlib.EasyDict(opts, num=opts.num or len(opts.seeds),
@@ -275,6 +288,9 @@ def solve(opts):
 @click.option('--kernel_std',         help='Gaussian blur: std in pixels', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True)
 @click.option('--intensity',          help='Motion blur: intensity', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option('--num_measurements',   help='Compressed sensing: measurements m', metavar='INT', type=click.IntRange(min=2), default=32, show_default=True)
+@click.option('--method',             help='dps (any operator), or for inpainting replace (known pixels noised to each level) or repaint (replace plus RePaint\'s resampling jumps)', type=click.Choice(['dps', 'replace', 'repaint']), default='dps', show_default=True)
+@click.option('--jump_length',        help='RePaint: levels to go back up at each jump', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--jump_n_sample',      help='RePaint: passes through each jump (1 = no resampling)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--dps_scale',          help='DPS weight ζ', metavar='FLOAT', type=click.FloatRange(0, 100), default=5.0, show_default=True)
 @click.option('--norm',               help='DPS residual norm (batch = the original\'s, couples samples)', type=click.Choice(list(inverse.DPS_NORMS)), default='per_sample', show_default=True)
 @click.option('--ref',                help='Also score the reconstructions (FID/IS) against these statistics, as the original could', metavar='NPZ|URL', type=str)

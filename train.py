@@ -26,8 +26,10 @@ from training import sigma_first, snapshots, training_loop
 from training.cli import check_output_dir, given_options, on_rank0, one_line_errors, refuse_ignored
 
 ARCHS = ('ddpmpp', 'ncsnpp', 'adm')
-PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've', 'ambient_noisy', 'ambient_noisy_vp')
-AMBIENT_PRECONDS = ('ambient', 'ambient_vp')  # masked data: [image, mask] input, loss on A
+PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've', 'ddpm', 'ambient_ddpm', 'ambient_noisy', 'ambient_noisy_vp')
+AMBIENT_PRECONDS = ('ambient', 'ambient_vp', 'ambient_ddpm')  # masked data: [image, mask] input, loss on A
+DDPM_PRECONDS = ('ddpm', 'ambient_ddpm')  # discrete DDPM schedule: --beta_schedule, --beta_start, --beta_end, --T
+DDPM_DEFAULTS = dict(beta_schedule='linear', beta_start=1e-4, beta_end=0.02, T=1000)
 NOISY_PRECONDS = ('ambient_noisy', 'ambient_noisy_vp')  # images trusted at some noise levels: σ-first, Tweedie loss
 DATA_KEYS = ('path', 'max_size', 'xflip', 'use_labels', 'noise_sigma', 'clean_fraction')  # what a resume may not change silently
 # --preset=original: the original code's network and objective (options given explicitly still win).
@@ -43,7 +45,8 @@ class ConfigError(click.ClickException):
 
 def _network_kwargs(opts):
     precond_class = {'ambient': 'EDMPrecond', 'edm': 'EDMPrecond', 'ambient_vp': 'VPPrecond', 'vp': 'VPPrecond',
-        've': 'VEPrecond', 'ambient_noisy': 'EDMPrecond', 'ambient_noisy_vp': 'VPPrecond'}[opts.precond]
+        've': 'VEPrecond', 'ambient_noisy': 'EDMPrecond', 'ambient_noisy_vp': 'VPPrecond', 'ddpm': 'DDPMPrecond',
+        'ambient_ddpm': 'DDPMPrecond'}[opts.precond]
     kw = dnnlib.EasyDict(class_name=f'training.networks.{precond_class}')
     if opts.arch == 'ddpmpp':
         kw.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
@@ -61,6 +64,10 @@ def _network_kwargs(opts):
         kw.num_blocks = opts.num_blocks
     if opts.attn is not None:
         kw.attn_resolutions = opts.attn
+    if opts.precond in DDPM_PRECONDS:
+        kw.update(_ddpm_schedule(opts))
+    if opts.get('label_dropout'):
+        kw.label_dropout = opts.label_dropout
     kw.update(dropout=opts.dropout, use_fp16=opts.fp16, ambient=opts.precond in AMBIENT_PRECONDS,
         gate=opts.gate if opts.gated else 'none')
     if opts.precond in AMBIENT_PRECONDS:
@@ -92,6 +99,7 @@ def build_config(opts, world_size=1):
             raise ConfigError(f'--delta_probability/--fixed_hat_mask only affect the ambient losses, but --precond={opts.precond} '
                 'trains on the observations as if they were clean; use --precond=ambient or set --delta_probability=0')
     _check_noisy_options(opts)
+    _ddpm_schedule(opts)
     delta_probability = opts.delta_probability if opts.delta_probability is not None else (0.1 if ambient else 0.0)
     batch_gpu = opts.batch_gpu or opts.batch // world_size
     if opts.batch % world_size != 0 or (opts.batch // world_size) % batch_gpu != 0:
@@ -115,8 +123,11 @@ def build_config(opts, world_size=1):
         c.data_loader_kwargs.prefetch_factor = 2
     c.network_kwargs = _network_kwargs(opts)
     loss_class = {'ambient': 'AmbientLoss', 'ambient_vp': 'AmbientVPLoss', 'edm': 'EDMLoss', 'vp': 'VPLoss',
-        've': 'VELoss', 'ambient_noisy': 'NoisyAmbientLoss', 'ambient_noisy_vp': 'NoisyAmbientVPLoss'}[opts.precond]
+        've': 'VELoss', 'ambient_noisy': 'NoisyAmbientLoss', 'ambient_noisy_vp': 'NoisyAmbientVPLoss', 'ddpm': 'DDPMLoss',
+        'ambient_ddpm': 'AmbientDDPMLoss'}[opts.precond]
     c.loss_kwargs = dnnlib.EasyDict(class_name=f'training.loss.{loss_class}')
+    if opts.precond in DDPM_PRECONDS:
+        c.loss_kwargs.update(_ddpm_schedule(opts))
     if opts.precond in NOISY_PRECONDS:
         c.loss_kwargs.update(s_max=opts.get('s_max'), ambient_factor=opts.get('ambient_factor', True))
     if ambient:
@@ -149,6 +160,18 @@ def build_config(opts, world_size=1):
     if opts.transfer is not None:
         c.transfer = opts.transfer
     return c
+
+
+def _ddpm_schedule(opts):
+    """The discrete schedule of the DDPM preconditioner and loss (the same for both); refused for other preconds."""
+    given = {name: opts.get(name) for name in DDPM_DEFAULTS if opts.get(name) is not None}
+    if opts.precond not in DDPM_PRECONDS:
+        if given:
+            raise ConfigError(f'--{next(iter(given))} sets the discrete DDPM schedule; use --precond=ddpm or ambient_ddpm')
+        return {}
+    if opts.get('beta_schedule') == 'cosine' and ('beta_start' in given or 'beta_end' in given):
+        raise ConfigError('--beta_start/--beta_end set the linear schedule; the cosine schedule has none: drop them')
+    return dict(DDPM_DEFAULTS, **given)
 
 
 def _check_noisy_options(opts):
@@ -212,6 +235,10 @@ def _resolve_resume(resume):
 @click.option('--hidden_precond',         help='Preconditioning of pixels hidden from the network: mask_aware (per pixel, unit-variance targets) or original (the original code\'s)  [default: mask_aware]', type=click.Choice(['mask_aware', 'original']))
 @click.option('--cond_sigma_min',         help='Smallest noise level the network is told: c_noise uses max(σ, this); 0 = σ itself  [default: 0.1 with mask_aware, else 0]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--clean_diagnostics',      help='Also report the loss on every pixel (Loss/loss_all; the original\'s loss_test) from the clean images of a synthetically corrupted dataset; never trained on', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--beta_schedule',          help='DDPM preconds: β schedule, linear (Ho et al.) or cosine (Nichol & Dhariwal)  [default: linear]', type=click.Choice(['linear', 'cosine']))
+@click.option('--beta_start',             help='DDPM preconds: first β of the linear schedule  [default: 1e-4]', metavar='FLOAT', type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option('--beta_end',               help='DDPM preconds: last β of the linear schedule  [default: 0.02]', metavar='FLOAT', type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option('--T', 'T',                 help='DDPM preconds: number of diffusion steps  [default: 1000]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--noise_sigma',            help='Synthetic noisy data: fixed Gaussian noise of this std on every image but a --clean_fraction (annotated (S, 0), kind noisy)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--clean_fraction',         help='Share of images --noise_sigma leaves clean (seeded by --corruption_seed)  [default: 0]', metavar='FLOAT', type=click.FloatRange(0, 1))
 @click.option('--s_max',                  help='Noisy-data losses: an image with sigma_min is used at σ > sigma_min·sqrt(1 + 1/(s_max − 1)) only, which caps the ambient factor below s_max²', metavar='FLOAT', type=click.FloatRange(min=1, min_open=True))
@@ -233,6 +260,7 @@ def _resolve_resume(resume):
 @click.option('--weight_decay', help='AdamW weight decay (0 = Adam)', metavar='FLOAT',           type=click.FloatRange(min=0), default=0, show_default=True)
 @click.option('--max_grad_norm', help='Clip the global gradient norm', metavar='FLOAT',          type=click.FloatRange(min=0, min_open=True))
 @click.option('--ema',          help='EMA half-life', metavar='MIMG',                            type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--label_dropout', help='Zero each image\'s class label with this probability (for classifier-free guidance, eval.py --cfg_scale)', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=0, show_default=True)
 @click.option('--dropout',      help='Dropout probability', metavar='FLOAT',                     type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
 @click.option('--augment',      help='Augment probability', metavar='FLOAT',                     type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
 @click.option('--augment_set',  help='Augmentations: edm = EDM\'s warps (erase observed pixels near hidden ones), blit = exact flips, quarter turns and integer shifts  [default: blit for dust, else edm]', type=click.Choice(['edm', 'blit']))
@@ -293,6 +321,7 @@ def _refuse_ignored_options(opts, given):
         ('fp16', opts.fp16 and not torch.cuda.is_available(), 'mixed precision needs a CUDA device; drop --fp16'),
         ('augment_set', opts.augment == 0, 'augmentation is off (--augment=0)'),
         ('desc', opts.nosubdir, 'it names the run subdirectory, which --nosubdir turns off'),
+        ('label_dropout', not opts.cond, 'it drops class labels, and --cond=False trains without them; add --cond=True'),
         ('desc', opts.experiment_name is not None, '--experiment_name names the run directory already; give one of them'),
         ('bench', opts.deterministic, '--deterministic=True turns cuDNN benchmarking off'),
         ('mask_geometry', opts.corruption_pattern == 'dust', 'dust masks have no box geometry'),

@@ -7,7 +7,9 @@ Runs solve_inverse_problems.py once per operator (per-sample norm, down to σ_mi
 steps and ζ = 1, the best of ζ ∈ {0.25, 0.5, 1, 2, 5, 20, 60} with 18 and 50 steps on digits 0-31 of the
 demo's 16x16 model for random and box inpainting) and prints a table of mean PSNR / SSIM for DPS and for the naive baseline of each
 operator (zero-filled image, upsampled image, the blurred image itself, pseudo-inverse). Each operator's
-results go to `{outdir}/{operator}/`; finished images are skipped on a rerun.
+results go to `{outdir}/{operator}/`; finished images are skipped on a rerun. A second table puts the three
+inpainting methods side by side on random (dust 40%) and box inpainting, same network, steps and seeds: DPS,
+replacement (`--method=replace`) and RePaint (`--method=repaint --jump_length=5 --jump_n_sample=3`).
 """
 
 import glob
@@ -31,6 +33,9 @@ OPERATORS = [
     ('motion', 'motion blur 9x9 (blurred)', ['--corruption_pattern=blurring', '--blur_type=motion']),
     ('cs64', 'compressed sensing m=64 of 256 (pseudo-inverse)', ['--corruption_pattern=compressed_sensing', '--num_measurements=64']),
 ]
+# (folder suffix, name, solve_inverse_problems.py options) of the inpainting methods compared on dust40 and box40.
+METHODS = [('replace', 'replace', ['--method=replace']),
+           ('repaint', 'RePaint (jump 5, 3 passes)', ['--method=repaint', '--jump_length=5', '--jump_n_sample=3'])]
 
 
 def _summary(outdir):
@@ -70,7 +75,20 @@ def main(network, data, outdir, seeds, operators, dps_scale, steps):
         s = _summary(op_dir)
         lines.append(f'| {name} | {s["psnr"]:.2f} | {s["baseline_psnr"]:.2f} | {s["ssim"]:.3f} | {s["baseline_ssim"]:.3f} '
                      f'| {s["seconds"]:.2f} |')
-    print('\n' + '\n'.join(lines) + f'\n\n{time.time() - start:.0f} s')
+    methods = ['| operator | method | PSNR | SSIM | s/image |', '|---|---|---|---|---|']
+    for folder, name, args in [op for op in chosen if op[0] in ('dust40', 'box40')]:
+        dps = _summary(os.path.join(outdir, f'{folder}-zeta{dps_scale:g}-steps{steps}'))
+        methods.append(f'| {name} | DPS (ζ = {dps_scale:g}) | {dps["psnr"]:.2f} | {dps["ssim"]:.3f} | {dps["seconds"]:.2f} |')
+        for suffix, method, method_args in METHODS:
+            op_dir = os.path.join(outdir, f'{folder}-{suffix}-steps{steps}')
+            cmd = [sys.executable, os.path.join(REPO, 'solve_inverse_problems.py'), f'--network={network}', '--latest',
+                   f'--measurements_path={data}', f'--seeds={seeds}', '--batch=64', f'--outdir={op_dir}',
+                   f'--steps={steps}', *args, *method_args]
+            print(' '.join(cmd[1:]), flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            m = _summary(op_dir)
+            methods.append(f'| {name} | {method} | {m["psnr"]:.2f} | {m["ssim"]:.3f} | {m["seconds"]:.2f} |')
+    print('\n' + '\n'.join(lines) + '\n\n' + '\n'.join(methods) + f'\n\n{time.time() - start:.0f} s')
 
 
 if __name__ == '__main__':

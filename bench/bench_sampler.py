@@ -1,7 +1,15 @@
-"""Sampler speed: seconds per image and network evaluations of the ambient sampler (training/samplers.py).
+"""Sampler speed: seconds per image and network evaluations of the ambient sampler (training/samplers.py), and
+the solvers compared on the demo model.
 
     python bench/bench_sampler.py --configs=small --batch=8 --num_masks=1 --threads=1
     python bench/bench_sampler.py --configs=small,ddpmpp32 --num_masks=1,3 --guidance_scale=0.5 --device=cuda
+    python bench/bench_sampler.py --solvers=ddpm,ddim,euler,heun --steps=5,10,18,35,60 --docs=docs
+
+With --solvers (needs `make demo`): the demo's ambient model (--network) samples --samples images per solver and
+step count from the same initial noise and sampling masks (per-seed generators); each row reports wall time,
+network evaluations (NFE) and the digit-feature Fréchet distance against the digits (`training.digit_score`,
+the demo's classifier). Writes solvers.md, solvers.png (FD vs NFE per solver) and solvers-samples.png (the
+same seeds from every solver at one step count, timings in the labels) to --outdir (and --docs).
 
 Networks (random weights: speed does not depend on training), ambient input [image, mask] 2C=6 -> C=3,
 32x32, EDMPrecond + SongUNet (DDPM++), every convolution gated with the original's double sigmoid:
@@ -15,16 +23,22 @@ Reference: the original's sampler (giannisdaras/ambient-diffusion eval.py) took 
 config, 18 steps, K = 1 on the project's CPU machine (it backpropagates through the network at every step).
 """
 
+import json
 import os
+import shutil
 import sys
 import time
 
 import click
+import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from dnnlib.util import atomic_write  # noqa: E402
 from torch_utils.ambient_diffusion import MaskCorruption  # noqa: E402
-from training import networks, samplers  # noqa: E402
+from training import digit_score, networks, samplers, snapshots  # noqa: E402
+from training.dataset import ImageFolderDataset  # noqa: E402
 
 CONFIGS = {
     'small': dict(model_channels=32, channel_mult=[1, 2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.10),
@@ -70,25 +84,125 @@ def _int_list(ctx, param, value):
         raise click.BadParameter(f'{value!r}: pass comma-separated integers, e.g. 1,3') from error
 
 
+def nfe(solver, steps):
+    """Network evaluations of one trajectory: Heun 2N − 1, the others N."""
+    return 2 * steps - 1 if solver == 'heun' else steps
+
+
+def compare_solvers(network, data, classifier_path, solvers, step_counts, num_samples, eta, outdir, docs):
+    """Every solver at every step count on the same seeds; the table, FD-vs-NFE plot and sample picture."""
+    path = snapshots.resolve_networks(network, latest=True)[-1]
+    net, info = snapshots.load_network(path, device='cpu')
+    corruption = None
+    if info.ambient:
+        c = info.corruption
+        corruption = MaskCorruption(c['corruption_pattern'], c['corruption_probability'], c['delta_probability'],
+                                    mask_full_rgb=c.get('mask_full_rgb', False))
+    dataset = ImageFolderDataset(data, mode='clean', normalize=False, use_labels=True)
+    reference = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    labels = torch.as_tensor(np.stack([dataset.get_label(i) for i in range(len(dataset))])).argmax(1)
+    classifier = digit_score.load_or_train_classifier(classifier_path, reference, labels)
+    rows, pictures = [], {}
+    seeds = list(range(num_samples))
+    for solver in solvers:
+        for steps in step_counts:
+            kwargs = dict(num_steps=steps, solver=solver, eta=eta if solver == 'ddim' else 0.0)
+            if info.ambient:
+                kwargs.update(corruption=corruption)
+            start = time.perf_counter()
+            images = torch.cat([samplers.generate_batch(net, seeds[i:i + 256], **kwargs) for i in range(0, len(seeds), 256)])
+            seconds = time.perf_counter() - start
+            score = digit_score.score_images(classifier, images, reference)
+            rows.append(dict(solver=solver, steps=steps, nfe=nfe(solver, steps), seconds=seconds, fd=score['fd'],
+                             fd_pixel=score['fd_pixel']))
+            pictures[(solver, steps)] = images[:12]
+            print(f'{solver:>6} {steps:>4} steps  NFE {rows[-1]["nfe"]:>4}  {seconds:7.1f} s  FD {score["fd"]:8.2f}', flush=True)
+    os.makedirs(outdir, exist_ok=True)
+    lines = [f'| solver | steps | NFE | s / {num_samples} images | FD (classifier) | FD (pixels) |', '|---|---|---|---|---|---|']
+    lines += [f'| {r["solver"]}{f" (η = {eta:g})" if r["solver"] == "ddim" and eta else ""} | {r["steps"]} | {r["nfe"]} | '
+              f'{r["seconds"]:.1f} | {r["fd"]:.2f} | {r["fd_pixel"]:.2f} |' for r in rows]
+    with atomic_write(os.path.join(outdir, 'solvers.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    with atomic_write(os.path.join(outdir, 'solvers.json'), 'w') as f:
+        json.dump(dict(network=path, samples=num_samples, eta=eta, rows=rows), f, indent=2)
+    _draw_solvers(rows, pictures, solvers, step_counts, os.path.join(outdir, 'solvers.png'))
+    print('\n' + '\n'.join(lines))
+    if docs:
+        os.makedirs(docs, exist_ok=True)
+        for name in ('solvers.md', 'solvers.png'):
+            shutil.copyfile(os.path.join(outdir, name), os.path.join(docs, name))
+
+
+def _draw_solvers(rows, pictures, solvers, step_counts, dest):
+    """Left: FD vs NFE per solver. Right: the same seeds from every solver at the middle step count."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from torch_utils.images import make_grid
+
+    fig = Figure(figsize=(13, 0.9 * len(solvers) + 2), dpi=110)
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(len(solvers), 2, width_ratios=[1, 1.6], left=0.07, right=0.98, top=0.9, bottom=0.14, wspace=0.25)
+    ax = fig.add_subplot(gs[:, 0])
+    for i, solver in enumerate(solvers):
+        pts = sorted((r['nfe'], r['fd']) for r in rows if r['solver'] == solver)
+        ax.plot(*zip(*pts), '-o', markersize=3, color=f'C{i}', label=solver)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('network evaluations per image (NFE)')
+    ax.set_ylabel('digit-feature Fréchet distance')
+    ax.legend(fontsize=8)
+    steps = step_counts[len(step_counts) // 2]
+    for i, solver in enumerate(solvers):
+        row = [r for r in rows if r['solver'] == solver and r['steps'] == steps][0]
+        ax_img = fig.add_subplot(gs[i, 1])
+        grid = make_grid(pictures[(solver, steps)], grid_w=12, pad=1)
+        ax_img.imshow(grid[:, :, 0] if grid.shape[-1] == 1 else grid, cmap='gray', vmin=0, vmax=255, interpolation='nearest')
+        ax_img.set_axis_off()
+        ax_img.set_title(f'{solver}, {steps} steps, NFE {row["nfe"]}, {row["seconds"]:.1f} s, FD {row["fd"]:.1f}',
+                         fontsize=7, loc='left')
+    with atomic_write(dest, 'wb') as f:
+        fig.savefig(f, format='png')
+
+
 @click.command()
 @click.option('--configs',        help='Comma-separated network configs', metavar='LIST',     type=str, default='small', show_default=True)
 @click.option('--batch',          help='Images per sampler call', metavar='INT',              type=click.IntRange(min=1), default=8, show_default=True)
-@click.option('--steps',          help='Sampler steps N', metavar='INT',                      type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--steps',          help='Sampler steps N (with --solvers: a comma-separated list)', metavar='INT|LIST', type=str, default='18', show_default=True, callback=_int_list)
 @click.option('--num_masks',      help='Comma-separated K (masks per sample)', metavar='LIST', type=str, default='1,3', show_default=True, callback=_int_list)
 @click.option('--guidance_scale', help='Guidance weight w when K > 1', metavar='FLOAT',       type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--device',         help='Torch device', metavar='STR',                         type=str, default='cpu', show_default=True)
 @click.option('--threads',        help='torch.set_num_threads', metavar='INT',                type=click.IntRange(min=1), default=None)
 @click.option('--warmup/--no-warmup', help='One untimed 2-step run per network first',        default=True, show_default=True)
-def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warmup):
-    """Seconds per image and network evaluations of the ambient sampler."""
+@click.option('--solvers',        help='Compare these solvers on the demo model (e.g. ddpm,ddim,euler,heun)', metavar='LIST', type=str)
+@click.option('--network',        help='--solvers: the model', metavar='DIR|PT', type=str, default='demo-out/run-ambient', show_default=True)
+@click.option('--data',           help='--solvers: the reference digits', metavar='ZIP', type=str, default='demo-out/digits.zip', show_default=True)
+@click.option('--classifier',     help='--solvers: the digit classifier (trained if missing)', metavar='PT', type=str, default='demo-out/digit-classifier.pt', show_default=True)
+@click.option('--samples',        help='--solvers: images per solver and step count', metavar='INT', type=click.IntRange(min=70), default=300, show_default=True)
+@click.option('--eta',            help='--solvers: DDIM η', metavar='FLOAT', type=click.FloatRange(0, 1), default=0, show_default=True)
+@click.option('--outdir',         help='--solvers: where the table and figures go', metavar='DIR', type=str, default='bench-out/solvers', show_default=True)
+@click.option('--docs',           help='--solvers: also copy solvers.md and solvers.png here', metavar='DIR', type=str)
+def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warmup, solvers, network, data, classifier,
+         samples, eta, outdir, docs):
+    """Seconds per image and network evaluations of the ambient sampler; or, with --solvers, the solvers compared."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if solvers is not None:
+        solvers = [x for x in solvers.split(',') if x]
+        unknown = [x for x in solvers if x not in samplers.SOLVERS]
+        if unknown:
+            raise click.BadParameter(f'{unknown}: solvers are {", ".join(samplers.SOLVERS)}', param_hint='--solvers')
+        compare_solvers(network, data, classifier, solvers, steps, samples, eta, outdir, docs)
+        return
+    if len(steps) != 1:
+        raise click.BadParameter('one step count without --solvers', param_hint='--steps')
+    steps = steps[0]
     names = [c for c in configs.split(',') if c]
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         raise click.BadParameter(f'{unknown}: known configs are {", ".join(CONFIGS)}', param_hint='--configs')
     if any(k < 1 for k in num_masks):
         raise click.BadParameter(f'{num_masks}: every K must be >= 1', param_hint='--num_masks')
-    if threads is not None:
-        torch.set_num_threads(threads)
     device = torch.device(device)
     print(f'torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {batch}, '
           f'{steps} steps')

@@ -285,3 +285,78 @@ def test_two_processes_give_the_same_reconstructions(setup, tmp_path):
         a = np.array(PIL.Image.open(tmp_path / 'one' / 'reconstruction' / f'{seed:06d}.png'))
         b = np.array(PIL.Image.open(tmp_path / 'two' / 'reconstruction' / f'{seed:06d}.png'))
         assert np.array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# Inpainting by replacement and RePaint.
+
+@pytest.mark.parametrize('num_steps, jump_length, jump_n_sample', [(6, 1, 1), (6, 2, 2), (10, 3, 3), (7, 2, 4)])
+def test_repaint_moves_follow_the_jump_schedule(num_steps, jump_length, jump_n_sample):
+    moves = inverse.repaint_moves(num_steps, jump_length, jump_n_sample)
+    assert moves[0] == (0, 1) and moves[-1] == (num_steps - 1, num_steps)
+    assert all(abs(j - i) == 1 and 0 <= min(i, j) and max(i, j) <= num_steps for i, j in moves)
+    assert all(b[0] == a[1] for a, b in zip(moves, moves[1:]))  # a connected walk
+    jump_points = len(range(jump_length, num_steps - jump_length + 1, jump_length))
+    ups = sum(j < i for i, j in moves)
+    assert ups == jump_points * (jump_n_sample - 1) * jump_length
+    assert len(moves) - ups == num_steps + ups  # every step back up is walked down again
+    if jump_n_sample == 1:
+        assert moves == [(i, i + 1) for i in range(num_steps)]
+
+
+def test_replacement_keeps_known_pixels_and_leaves_the_rest_to_the_prior():
+    x0 = _truth(2)
+    net = _prior_net(x0)
+    operator = get_operator('box_masking', corruption_probability=0.4)
+    y, params = inverse.measure(operator, x0, [3, 4])
+    known = operator.apply(torch.ones_like(x0), params)
+    for method, extra in (('replace', {}), ('repaint', dict(jump_length=2, jump_n_sample=3))):
+        out = inverse.solve_batch(net, operator, y, params, [3, 4], 0.0, method=method, **SAMPLER, **extra).double()
+        # Known pixels are the measurement (to float32 and clamping), hidden ones differ from zero-filling.
+        torch.testing.assert_close(out * known, (y * known).clamp(-1, 1), rtol=0, atol=1e-6)
+        assert ((out - y).abs() * (1 - known)).sum() > 1
+    # Pixels are independent under this prior, so the hidden pixels of a replacement sample are prior samples:
+    # all-hidden replacement is the plain sampler (a deterministic solver draws no noise of its own).
+    nothing = torch.zeros_like(x0)
+    mask_all_hidden = get_operator('dust', corruption_probability=0.999999)
+    _, params0 = inverse.measure(mask_all_hidden, x0, [3, 4])
+    plain = samplers.generate_batch(net, [3, 4], **SAMPLER)
+    replaced = inverse.solve_batch(net, mask_all_hidden, nothing, params0 * 0, [3, 4], 0.0, method='replace', **SAMPLER)
+    torch.testing.assert_close(replaced, plain, rtol=0, atol=1e-6)
+
+
+def test_replacement_refusals():
+    x0 = _truth(1)
+    net = _prior_net(x0)
+    y, params = inverse.measure(get_operator('averaging', downsampling_factor=4), x0, [0])
+    with pytest.raises(ValueError, match='inpainting operator'):
+        inverse.solve_batch(net, get_operator('averaging', downsampling_factor=4), y, params, [0], 0.0, method='replace',
+                            **SAMPLER)
+    operator = get_operator('dust', corruption_probability=0.5)
+    y, params = inverse.measure(operator, x0, [0])
+    with pytest.raises(ValueError, match='no DPS term'):
+        inverse.solve_batch(net, operator, y, params, [0], 1.0, method='replace', **SAMPLER)
+    with pytest.raises(ValueError, match='RePaint'):
+        inverse.solve_batch(net, operator, y, params, [0], 0.0, method='replace', jump_length=2, **SAMPLER)
+
+
+@pytest.mark.parametrize('args', [['--method=replace'], ['--method=repaint', '--jump_length=1', '--jump_n_sample=2'],
+                                  ['--method=replace', '--solver=ddim', '--eta=0.5']])
+def test_cli_replacement_methods(setup, tmp_path, args):
+    run_dir, data = setup
+    result = _solve(run_dir, data, tmp_path / 'out', '--corruption_pattern=box_masking', *args)
+    assert args[0].split('=')[1] in result.output and 'seconds per image' in result.output
+    assert sorted(os.listdir(tmp_path / 'out' / 'reconstruction')) == ['000000.png', '000001.png']
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--method=replace', '--corruption_pattern=averaging'], 'needs an inpainting operator'),
+    (['--method=replace', '--dps_scale=2'], '--dps_scale'),
+    (['--jump_length=3'], '--jump_length'),
+    (['--method=replace', '--jump_n_sample=3'], '--jump_n_sample')])
+def test_cli_replacement_errors(setup, tmp_path, args, message):
+    run_dir, data = setup
+    cmd = ['--network', run_dir, '--latest', '--measurements_path', data, '--outdir', tmp_path / 'o', '--seeds=0', *args]
+    result = CliRunner().invoke(solve_cli.main, [str(a) for a in cmd])
+    assert result.exit_code != 0 and message in result.output and 'Traceback' not in result.output
+    assert not os.path.exists(tmp_path / 'o')

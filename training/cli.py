@@ -73,7 +73,10 @@ sampler_options = _options(
     click.option('--S_min', 'S_min',   help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
     click.option('--S_max', 'S_max',   help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True),
     click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True),
-    click.option('--solver',           help='ODE solver', type=click.Choice(['heun', 'euler']), default='heun', show_default=True),
+    click.option('--solver',           help='heun, euler (EDM ODE), ddim (DDIM with --eta) or ddpm (ancestral)', type=click.Choice(['heun', 'euler', 'ddim', 'ddpm']), default='heun', show_default=True),
+    click.option('--eta',              help='DDIM η: 0 deterministic (Euler), 1 DDPM-like (--solver=ddim)', metavar='FLOAT', type=click.FloatRange(0, 1), default=0, show_default=True),
+    click.option('--ddpm_variance',    help='DDPM step variance: beta_tilde (posterior) or beta (--solver=ddpm)', type=click.Choice(['beta_tilde', 'beta']), default='beta_tilde', show_default=True),
+    click.option('--cfg_scale',        help='Classifier-free guidance w: D = D_uncond + w·(D_cond − D_uncond) (class-conditional networks trained with --label_dropout)', metavar='FLOAT', type=click.FloatRange(min=0)),
     click.option('--num_masks',        help='Masks per sample (K; >1 adds reconstruction guidance)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True),
     click.option('--guidance_scale',   help='Reconstruction guidance weight (w, or the original\'s λ with --guidance_units=original)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
     click.option('--guidance_units',   help='ours: w corrects the denoised image; original: λ moves x by −λ∇[½K·Σ‖D_0 − D_j‖²] per Heun stage, as the original eval.py', type=click.Choice(['ours', 'original']), default='ours', show_default=True),
@@ -150,6 +153,10 @@ def guidance_rules(opts):
               'reconstruction guidance compares K > 1 masks; add --num_masks'),
              ('guidance_units', no_reconstruction and not opts.get('dps_scale'), 'there is no guidance without '
               '--num_masks > 1 and --guidance_scale > 0' + (' or --dps_scale > 0' if 'dps_scale' in opts else ''))]
+    rules += [('eta', opts.get('solver') != 'ddim', 'η is the noise of DDIM steps; add --solver=ddim'),
+              ('ddpm_variance', opts.get('solver') != 'ddpm', 'it is the variance of DDPM steps; add --solver=ddpm'),
+              ('S_churn', opts.get('solver') in ('ddim', 'ddpm') and opts.get('S_churn', 0) > 0,
+               f'--solver={opts.get("solver")} draws its own noise; churn applies to heun and euler')]
     if 'resample_guidance_masks' in opts:
         rules.append(('resample_guidance_masks', not opts.resample_guidance_masks or opts.num_masks == 1
                       or opts.guidance_scale == 0, 'there are no guidance masks without --num_masks > 1 and --guidance_scale > 0'))
@@ -194,6 +201,9 @@ def check_subset_seed(opts):
 
 
 PROVENANCE_FILE = 'provenance.json'
+# Settings added after outputs were first recorded: a record without the key was made with this value.
+PROVENANCE_ABSENT_MEANS = {'sampler.eta': 0.0, 'sampler.variance': 'beta_tilde', 'cfg_scale': None, 'eta': 0.0,
+                           'ddpm_variance': 'beta_tilde', 'method': 'dps', 'jump_length': 1, 'jump_n_sample': 1}
 
 
 def file_digest(path):
@@ -229,6 +239,8 @@ def claim_output_dir(outdir, record):
         if os.path.isfile(path):
             with open(path, encoding='utf-8') as f:
                 saved, now = _flatten(json.load(f)), _flatten(record)
+            saved = dict(PROVENANCE_ABSENT_MEANS, **saved)
+            now = dict(PROVENANCE_ABSENT_MEANS, **now)
             diffs = [f'{key}: {saved.get(key)!r} there, {now.get(key)!r} now' for key in sorted(set(saved) | set(now))
                      if saved.get(key) != now.get(key)]
             if diffs:

@@ -4,6 +4,12 @@ Measurements y = 𝒜(x0) take their operator parameters (masks, kernels, Φ) fr
 own (`measurement_generators`), so a measurement depends on its seed alone. DPS adds the data-consistency term
 ζ‖y − 𝒜(D0)‖ (`dps_term`) to the guided ambient sampler's `extra_guidance`, for ambient networks (their fixed
 sampling masks) and clean ones alike (`_CleanAsAmbient`, an all-ones mask).
+
+Inpainting also by replacement (`method='replace'`; Song et al. 2021, "Score-Based Generative Modeling through
+SDEs", App. I.2): after every step to σ', the known pixels are set to the measurement noised to that level,
+m ⊙ (y + σ'·z) + (1 − m) ⊙ x (y itself at σ' = 0); and RePaint (`method='repaint'`; Lugmayr et al. 2022), which
+also goes back up `jump_length` levels by forward diffusion, `jump_n_sample` − 1 times per jump point, so the
+unknown region harmonises with the known one (`repaint_moves`).
 """
 
 import math
@@ -12,7 +18,9 @@ import numbers
 import torch
 
 from torch_utils.misc import StackedRandomGenerator, seeded_generator
-from training.samplers import _class_labels, _finite_images, _net_device, _round_sigma, ambient_sampler, sample_masks
+from training.samplers import (_class_labels, _finite_images, _net_device, _round_sigma, ambient_sampler,
+                               check_sampler_args, guided_ambient_denoiser, sample_masks, sampling_time_steps,
+                               solver_step)
 
 DPS_NORMS = ('per_sample', 'batch')
 _MEASUREMENT_STREAM = 1     # spawn key that separates the measurement stream from the sampler's
@@ -67,6 +75,47 @@ def dps_term(operator, y, params, zeta, norm='per_sample'):
     return term
 
 
+INPAINT_METHODS = ('dps', 'replace', 'repaint')
+
+
+def repaint_moves(num_steps, jump_length=1, jump_n_sample=1):
+    """The moves (i, j) over a grid t_0 > ... > t_N = 0 of RePaint's jump schedule (Lugmayr et al. 2022, App. B):
+    j = i + 1 is a denoising step, j = i − 1 a step back up. Counting τ = N − i down from N, after reaching
+    τ ∈ {L, 2L, ...} (τ ≤ N − L, L = jump_length) the walk goes back up L levels, jump_n_sample − 1 times per τ.
+    jump_n_sample = 1 gives the plain descent 0 → N (replacement)."""
+    if jump_length < 1 or jump_n_sample < 1:
+        raise ValueError(f'jump_length={jump_length}, jump_n_sample={jump_n_sample}: both must be >= 1')
+    jumps = {tau: jump_n_sample - 1 for tau in range(jump_length, num_steps - jump_length + 1, jump_length)}
+    tau, moves = num_steps, []
+    while tau > 0:
+        moves.append((num_steps - tau, num_steps - tau + 1))
+        tau -= 1
+        if jumps.get(tau, 0) > 0:
+            jumps[tau] -= 1
+            for _ in range(jump_length):
+                moves.append((num_steps - tau, num_steps - tau - 1))
+                tau += 1
+    return moves
+
+
+def replacement_sampler(denoise, latents, y, mask, t_steps, moves, randn_like=torch.randn_like, solver='heun',
+                        eta=0.0, variance='beta_tilde'):
+    """Inpainting by replacement along `moves` (`repaint_moves`) over `t_steps`: the known pixels (mask = 1, values
+    y) are replaced by y + σ·z after every denoising step (y at σ = 0) and at the start; a move up adds
+    sqrt(t_j² − t_i²)·z. `denoise(x, σ)`, any solver (`solver_step`). Returns x [N, C, H, W] float64."""
+    y, mask = y.to(torch.float64), mask.to(torch.float64)
+    known = lambda t: y + t * randn_like(y)  # noqa: E731
+    x = latents.to(torch.float64) * t_steps[0]
+    x = mask * known(t_steps[0]) + (1 - mask) * x
+    for i, j in moves:
+        if j == i + 1:
+            x = solver_step(denoise, x, t_steps[i], t_steps[j], solver, eta, variance, randn_like)
+            x = mask * (known(t_steps[j]) if t_steps[j] > 0 else y) + (1 - mask) * x
+        else:
+            x = x + (t_steps[j] ** 2 - t_steps[i] ** 2).sqrt() * randn_like(x)
+    return x
+
+
 class _CleanAsAmbient(torch.nn.Module):
     """A clean denoiser seen as an ambient one: input [M ⊙ x, M], mask channels dropped.
 
@@ -79,7 +128,7 @@ class _CleanAsAmbient(torch.nn.Module):
         self.net = net
         self.ambient = True
         self.img_channels = 2 * net.img_channels
-        for name in ('img_resolution', 'label_dim', 'sigma_min', 'sigma_max'):
+        for name in ('img_resolution', 'label_dim', 'sigma_min', 'sigma_max', 'discrete_sigmas'):
             if hasattr(net, name):
                 setattr(self, name, getattr(net, name))
 
@@ -91,7 +140,7 @@ class _CleanAsAmbient(torch.nn.Module):
 
 
 def solve_batch(net, operator, y, params, seeds, zeta, corruption=None, norm='per_sample', device=None,
-                num_masks=1, class_labels=None, **sampler_kwargs):
+                num_masks=1, class_labels=None, method='dps', jump_length=1, jump_n_sample=1, **sampler_kwargs):
     """DPS reconstructions [N, C, H, W] float32 in [−1, 1] of measurements y = 𝒜(x0) with parameters `params`.
 
     The sampler's random stream is `generate_batch`'s (per seed: latents, class label, masks, churn), so with
@@ -99,8 +148,16 @@ def solve_batch(net, operator, y, params, seeds, zeta, corruption=None, norm='pe
     K = num_masks masks from `corruption` (the sampling masks, independent of the operator); clean networks run
     in the same loop with an all-ones mask (`corruption` must be None). The DPS term (`dps_term`, ζ > 0) joins
     any `extra_guidance` in sampler_kwargs. With norm='per_sample' a sample does not depend on its batch.
-    device=None: the network's device.
+    device=None: the network's device. method='replace' or 'repaint' (inpainting operators only, ζ = 0):
+    `replacement_sampler` on the same guided estimate D̃ and time steps (`jump_length`, `jump_n_sample`: RePaint's).
     """
+    if method not in INPAINT_METHODS:
+        raise ValueError(f'method={method!r} is unknown; pass one of {", ".join(INPAINT_METHODS)}')
+    if method != 'dps' and (not hasattr(operator, 'corruption') or zeta != 0):
+        raise ValueError(f'method={method!r} replaces known pixels: it needs an inpainting operator (dust, box_masking) '
+                         'and no DPS term (zeta = 0)')
+    if method != 'repaint' and (jump_length, jump_n_sample) != (1, 1):
+        raise ValueError('jump_length and jump_n_sample are RePaint\'s; pass method="repaint"')
     if isinstance(net, torch.nn.Module) and net.training:
         raise ValueError('the network is in training mode (dropout active); call net.eval() before sampling')
     device = torch.device(device) if device is not None else _net_device(net)
@@ -130,6 +187,26 @@ def solve_batch(net, operator, y, params, seeds, zeta, corruption=None, norm='pe
     term = dps_term(operator, y.to(device), params, zeta, norm)                          # validates ζ and norm
     if zeta > 0:  # ζ = 0 adds nothing; skipping it also skips the gradient's backward pass.
         guidance.append(term)
-    images = ambient_sampler(net, latents, masks, labels, randn_like=rnd.randn_like, extra_guidance=guidance,
-                             **sampler_kwargs)
+    if method == 'dps':
+        images = ambient_sampler(net, latents, masks, labels, randn_like=rnd.randn_like, extra_guidance=guidance,
+                                 **sampler_kwargs)
+    else:
+        images = _replace(net, latents, masks, labels, y.to(device), operator.apply(torch.ones_like(y), params).to(device),
+                          rnd, jump_length, jump_n_sample if method == 'repaint' else 1, **sampler_kwargs)
     return _finite_images(images, seeds)
+
+
+@torch.no_grad()
+def _replace(net, latents, masks, labels, y, known, rnd, jump_length, jump_n_sample, num_steps=18, sigma_min=0.002,
+             sigma_max=80, rho=7, solver='heun', eta=0.0, variance='beta_tilde', guidance_scale=0.0, clipping='none',
+             clip_percentile=0.995, guidance_units='ours', S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+    """`replacement_sampler` with the ambient sampler's options (no churn; guidance in ours units)."""
+    check_sampler_args(net, ambient=True, latents=latents, masks=masks, solver=solver, S_churn=S_churn, S_min=S_min,
+                       S_max=S_max, S_noise=S_noise, eta=eta, variance=variance, guidance_units=guidance_units)
+    if S_churn > 0 or guidance_units != 'ours':
+        raise ValueError('replacement sampling takes no churn (S_churn = 0) and guidance in ours units')
+    t_steps = sampling_time_steps(net, num_steps, sigma_min, sigma_max, rho, solver, device=latents.device)
+    denoise = guided_ambient_denoiser(net, masks, labels, guidance_scale, clipping, clip_percentile)
+    moves = repaint_moves(len(t_steps) - 1, jump_length, jump_n_sample)
+    return replacement_sampler(lambda x, t: denoise(x, t).to(torch.float64), latents, y, known, t_steps, moves,
+                               rnd.randn_like, solver, eta, variance)

@@ -13,7 +13,7 @@ noise, in the same order in every loss, so losses can be compared draw for draw.
 import torch
 
 from torch_utils import misc
-from training.networks import HIDDEN_PRECONDS, mask_aware_coefficients, vp_sigma
+from training.networks import HIDDEN_PRECONDS, ddpm_alpha_bar, mask_aware_coefficients, vp_sigma
 
 
 def _randn(shape, like, generator=None):
@@ -166,6 +166,35 @@ class VELoss(_CleanLoss):
         return 1 / sigma ** 2
 
 
+class _DDPMSchedule:
+    """t uniform in {1..T} and σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) of `training.networks.ddpm_alpha_bar`; weight 1/σ², so
+    that the loss is DDPM's ‖ε̂ − ε‖² (ε̂ = (x − D)/σ gives ε̂ − ε = (y − D)/σ)."""
+
+    def _init_schedule(self, beta_schedule, beta_start, beta_end, T):
+        self.beta_schedule, self.beta_start, self.beta_end, self.T = beta_schedule, beta_start, beta_end, T
+        alpha_bar = ddpm_alpha_bar(beta_schedule, beta_start, beta_end, T)
+        self._sigmas = ((1 - alpha_bar) / alpha_bar).sqrt()
+
+    def sample_sigma(self, images, generator=None):
+        u = _rand(_sigma_shape(images), images, generator)
+        index = (u * self.T).long().clamp(max=self.T - 1)  # t − 1, uniform in 0..T−1
+        return self._sigmas.to(images.device)[index].to(images.dtype)
+
+    def weight(self, sigma):
+        return 1 / sigma ** 2
+
+    def to_dict(self):
+        return dict(class_name=f'{type(self).__module__}.{type(self).__name__}',
+                    **{k: v for k, v in self.__dict__.items() if not k.startswith('_')})
+
+
+class DDPMLoss(_DDPMSchedule, _CleanLoss):
+    """DDPM's simple loss ‖ε̂ − ε‖² at t ~ U{1..T} (Ho et al. 2020, Eq. 14), in σ-form."""
+
+    def __init__(self, beta_schedule='linear', beta_start=1e-4, beta_end=0.02, T=1000):
+        self._init_schedule(beta_schedule, beta_start, beta_end, T)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ambient losses (Daras et al. 2023, Sec. 3: J_corr).
 
@@ -246,6 +275,16 @@ class AmbientVPLoss(_AmbientLoss):
         return 1 / sigma ** 2
 
 
+
+
+class AmbientDDPMLoss(_DDPMSchedule, _AmbientLoss):
+    """Ambient loss with DDPM's discrete t and weight 1/σ² (the ε-loss on A, as the original's VP ambient loss)."""
+
+    def __init__(self, beta_schedule='linear', beta_start=1e-4, beta_end=0.02, T=1000, norm=2,
+                 hidden_precond='original', sigma_data=0.5):
+        self._init_schedule(beta_schedule, beta_start, beta_end, T)
+        self.norm, self.hidden_precond = _check_norm(norm), _check_hidden_precond(hidden_precond)
+        self.sigma_data = sigma_data  # c_out of hidden pixels in the mask-aware preconditioning
 
 
 # ---------------------------------------------------------------------------------------------

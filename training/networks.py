@@ -4,7 +4,7 @@ Architectures: DDPM++ / NCSN++ (`SongUNet`, Song et al. 2021) and ADM (`Dhariwal
 Nichol 2021), with EDM's module tree, so state dicts use EDM's names (`model.enc['32x32_conv'].weight`).
 Their layers (gated convolutions included) live in `training.layers`.
 
-Preconditioners (`EDMPrecond`, `VPPrecond`, `VEPrecond`, `iDDPMPrecond`) compute
+Preconditioners (`EDMPrecond`, `VPPrecond`, `VEPrecond`, `iDDPMPrecond`, `DDPMPrecond`) compute
 D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ)). For ambient models the input is
 [Ã ⊙ x_σ, Ã] (2C channels) and D has C channels. As in the original, c_in scales all 2C input
 channels, the mask included, so that the released checkpoints reproduce their outputs.
@@ -444,6 +444,63 @@ class iDDPMPrecond(_Precond):
         u = self.u.to(sigma.device)
         index = (sigma.to(torch.float32).reshape(-1, 1) - u.reshape(1, -1)).abs().argmin(dim=1)
         result = index if return_index else u[index].to(sigma.dtype)
+        return result.reshape(sigma.shape)
+
+
+BETA_SCHEDULES = ('linear', 'cosine')
+
+
+def ddpm_alpha_bar(beta_schedule='linear', beta_start=1e-4, beta_end=0.02, T=1000):
+    """ᾱ_t = Π_{s≤t}(1 − β_s), t = 1..T, float64 [T]: β linear from beta_start to beta_end (Ho et al. 2020), or
+    the cosine schedule ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + 0.008)/1.008 · π/2), β clipped at 0.999 (Nichol &
+    Dhariwal 2021)."""
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f'beta_schedule={beta_schedule!r}: expected one of {", ".join(BETA_SCHEDULES)}')
+    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+        raise ValueError(f'T={T!r}: expected an integer number of diffusion steps >= 2')
+    if beta_schedule == 'linear':
+        if not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f'beta_start={beta_start}, beta_end={beta_end}: expected 0 < beta_start <= beta_end < 1')
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    else:
+        f = lambda t: torch.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        t = torch.arange(T + 1, dtype=torch.float64)
+        betas = (1 - f(t[1:]) / f(t[:-1])).clamp(max=0.999)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class DDPMPrecond(_Precond):
+    """Discrete DDPM (Ho et al. 2020) as a preconditioner over the same networks: ε-prediction at the T levels
+    σ_t = sqrt((1 − ᾱ_t)/ᾱ_t), x_σ = x_t/sqrt(ᾱ_t). D = x − σ·F(x/sqrt(σ² + 1); t − 1): c_in·x_σ is the VP x_t
+    and F is ε̂. σ is snapped to the nearest level (`round_sigma`), whose index t − 1 is c_noise, so every
+    sampler can use it; `discrete_sigmas` [T] (increasing) gives DDIM's skipped time grid.
+    """
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, beta_schedule='linear',
+                 beta_start=1e-4, beta_end=0.02, T=1000, model_type='SongUNet', out_channels=None, ambient=False,
+                 gated=False, gate=None, **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, out_channels, ambient,
+                         gated, gate, **model_kwargs)
+        self.beta_schedule, self.beta_start, self.beta_end, self.T = beta_schedule, beta_start, beta_end, T
+        alpha_bar = ddpm_alpha_bar(beta_schedule, beta_start, beta_end, T)
+        self.register_buffer('discrete_sigmas', ((1 - alpha_bar) / alpha_bar).sqrt().to(torch.float32))
+        self.sigma_min = float(self.discrete_sigmas[0])
+        self.sigma_max = float(self.discrete_sigmas[-1])
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        x, sigma, class_labels = self._prepare(x, sigma, class_labels)
+        c_skip = 1
+        c_out = -sigma
+        c_in = 1 / (sigma ** 2 + 1).sqrt()
+        c_noise = self.round_sigma(self._cond_sigma(sigma), return_index=True).to(torch.float32)
+        return self._denoise(x, c_skip, c_out, c_in, c_noise, class_labels, force_fp32, model_kwargs)
+
+    def round_sigma(self, sigma, return_index=False):
+        """Nearest level σ_t to each σ (or its index t − 1), nearest in log σ."""
+        sigma = torch.as_tensor(sigma)
+        levels = self.discrete_sigmas.to(sigma.device).log()
+        index = (sigma.to(torch.float32).clamp(min=1e-20).log().reshape(-1, 1) - levels.reshape(1, -1)).abs().argmin(dim=1)
+        result = index if return_index else self.discrete_sigmas.to(sigma.device)[index].to(sigma.dtype)
         return result.reshape(sigma.shape)
 
 

@@ -43,7 +43,8 @@ import dnnlib
 from torch_utils.ambient_diffusion import MaskCorruption
 from torch_utils.misc import StackedRandomGenerator
 
-SOLVERS = ('euler', 'heun')
+SOLVERS = ('euler', 'heun', 'ddim', 'ddpm')
+DDPM_VARIANCES = ('beta_tilde', 'beta')
 GUIDANCE_UNITS = ('ours', 'original')
 CLIPPING_MODES = ('none', 'static', 'dynamic')
 
@@ -81,6 +82,13 @@ def check_sampler_args(net=None, ambient=None, latents=None, masks=None, **optio
     o = dnnlib.EasyDict(options)
     if 'solver' in o and o.solver not in SOLVERS:
         raise ValueError(f'solver={o.solver!r} is unknown; pass one of {", ".join(SOLVERS)}')
+    if o.get('solver') in ('ddim', 'ddpm') and o.get('S_churn', 0) > 0:
+        raise ValueError(f'solver={o.solver!r} adds its own noise (eta, the DDPM variance); S_churn applies to the '
+                         'euler and heun solvers')
+    if 'eta' in o and (not 0 <= o.eta <= 1 or (o.eta > 0 and o.get('solver') != 'ddim')):
+        raise ValueError(f'eta={o.eta!r} is invalid; pass 0 <= eta <= 1 with solver="ddim" (0 otherwise)')
+    if 'variance' in o and o.variance not in DDPM_VARIANCES:
+        raise ValueError(f'variance={o.variance!r} is unknown; pass one of {", ".join(DDPM_VARIANCES)}')
     if 'S_churn' in o and (not o.S_churn >= 0 or not o.S_noise >= 0 or not o.S_min <= o.S_max):
         raise ValueError(f'S_churn={o.S_churn!r}, S_noise={o.S_noise!r}, S_min={o.S_min!r}, S_max={o.S_max!r} are '
                          f'invalid; pass S_churn >= 0, S_noise >= 0 and S_min <= S_max')
@@ -125,18 +133,70 @@ def edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=None, dtype=torch.f
     return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 
 
+def sampling_time_steps(net, num_steps, sigma_min, sigma_max, rho, solver, device=None):
+    """The time steps of a sampler run (with t_N = 0): EDM's (`edm_time_steps`), except for DDIM/DDPM steps on a
+    discrete network (`net.discrete_sigmas`, e.g. DDPMPrecond): DDIM's uniformly skipped grid of `num_steps` of
+    its T levels, from the highest to the lowest (Song et al. 2021, Sec. 4.2)."""
+    levels = getattr(net, 'discrete_sigmas', None)
+    if solver not in ('ddim', 'ddpm') or levels is None:
+        return edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=net, device=device)
+    num_steps = _check_int('num_steps', num_steps, 1)
+    if num_steps > len(levels):
+        raise ValueError(f'num_steps={num_steps} is more than the network\'s T = {len(levels)} levels; pass at most {len(levels)}')
+    index = torch.linspace(len(levels) - 1, 0, num_steps, dtype=torch.float64).round().long()
+    t_steps = levels.detach().to('cpu', torch.float64)[index].to(device)
+    return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+
+
 def _t_hat(t_cur, num_steps, S_churn, S_min, S_max, round_sigma):
     """t̂ = t_i·(1 + γ), γ = min(S_churn/N, √2 − 1) where S_min ≤ t_i ≤ S_max (EDM's churn), rounded."""
     gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
     return torch.as_tensor(round_sigma(t_cur + gamma * t_cur), dtype=torch.float64, device=t_cur.device)
 
 
+def ddim_step(x_cur, D, t_cur, t_next, eta=0.0, variance='beta_tilde', randn_like=torch.randn_like):
+    """One DDIM(η) or DDPM step in σ-form (Song et al. 2021 "DDIM", Eq. 12; Ho et al. 2020), from x at t_cur to t_next.
+
+    With x_σ = x_t/sqrt(ᾱ_t) and σ² = (1 − ᾱ)/ᾱ, DDIM's x_prev = sqrt(ᾱ')·x̂0 + sqrt(1 − ᾱ' − σ_η²)·ε̂ + σ_η·z
+    divided by sqrt(ᾱ') is x' = D + sqrt(t'² − s²)·ε̂ + s·z with ε̂ = (x − D)/t and s = σ_η/sqrt(ᾱ')
+    = η·t'·sqrt(t² − t'²)/t. η = 0: x' = D + (t'/t)(x − D), EDM's Euler step. η = 1: the DDPM posterior
+    q(x' | x, x̂0) with variance β̃, mean D + (t'²/t²)(x − D). variance='beta' (DDPM's other choice, η ignored):
+    the same mean with variance β = 1 − ᾱ/ᾱ', i.e. (t² − t'²)(1 + t'²)/(1 + t²) in σ-form. No noise at t' = 0.
+    """
+    if t_next == 0:
+        return D
+    if variance == 'beta':
+        std = ((t_cur ** 2 - t_next ** 2) * (1 + t_next ** 2) / (1 + t_cur ** 2)).sqrt()
+        return D + (t_next ** 2 / t_cur ** 2) * (x_cur - D) + std * randn_like(x_cur)
+    s = eta * t_next * (t_cur ** 2 - t_next ** 2).sqrt() / t_cur
+    x_next = D + (t_next ** 2 - s ** 2).sqrt() * (x_cur - D) / t_cur
+    return x_next + s * randn_like(x_cur) if eta > 0 else x_next
+
+
+def solver_step(denoise, x_cur, t_cur, t_next, solver='heun', eta=0.0, variance='beta_tilde',
+                randn_like=torch.randn_like):
+    """One step from t_cur to t_next < t_cur without churn: Euler or Heun (EDM Algorithm 2; no correction at
+    t_next = 0), or `ddim_step` (solver 'ddim' with η = `eta`, 'ddpm' with `variance`)."""
+    D = denoise(x_cur, t_cur)
+    if solver in ('ddim', 'ddpm'):
+        return ddim_step(x_cur, D, t_cur, t_next, eta if solver == 'ddim' else 1.0,
+                         variance if solver == 'ddpm' else 'beta_tilde', randn_like)
+    d_cur = (x_cur - D) / t_cur
+    x_next = x_cur + (t_next - t_cur) * d_cur
+    if solver == 'heun' and t_next > 0:
+        d_prime = (x_next - denoise(x_next, t_next)) / t_next
+        x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
 def _integrate(denoise, latents, t_steps, randn_like, round_sigma, S_churn, S_min, S_max, S_noise, solver,
-               begin_step=None):
+               begin_step=None, eta=0.0, variance='beta_tilde'):
     """EDM Algorithm 2 for a denoiser `denoise(x, t) -> D` (float64); returns x_N (float64).
 
     `begin_step(i)` runs before the evaluations of step i. Churn noise is drawn at every step when
-    S_churn > 0 (also where γ = 0), so the random stream matches EDM's generate.py.
+    S_churn > 0 (also where γ = 0), so the random stream matches EDM's generate.py. solver='ddim' (with `eta`)
+    and 'ddpm' (η = 1, or `variance`='beta') take `ddim_step`s on the same time steps instead: one network
+    evaluation per step.
     """
     num_steps = len(t_steps) - 1
     x_next = latents.to(torch.float64) * t_steps[0]
@@ -144,6 +204,9 @@ def _integrate(denoise, latents, t_steps, randn_like, round_sigma, S_churn, S_mi
         if begin_step is not None:
             begin_step(i)
         x_cur = x_next
+        if solver in ('ddim', 'ddpm'):
+            x_next = solver_step(denoise, x_cur, t_cur, t_next, solver, eta, variance, randn_like)
+            continue
 
         # Increase the noise level temporarily (churn).
         t_hat = _t_hat(t_cur, num_steps, S_churn, S_min, S_max, round_sigma)
@@ -171,21 +234,62 @@ def _round_sigma(net):
 
 @torch.no_grad()
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002,
-                sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, solver='heun'):
+                sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, solver='heun', eta=0.0,
+                variance='beta_tilde'):
     """EDM's sampler (Karras et al. 2022, Algorithm 2) for a clean denoiser `net(x, σ, class_labels)`.
 
     latents: [N, C, H, W] standard normal; returns x_N [N, C, H, W] float64. S_churn = 0 gives the
-    deterministic sampler (2N − 1 network evaluations with Heun, N with Euler).
+    deterministic sampler (2N − 1 network evaluations with Heun, N with Euler). solver='ddim' (η = `eta`) or
+    'ddpm' (`variance`) steps through the same time steps with `ddim_step` (N evaluations).
     """
     check_sampler_args(net, ambient=False, latents=latents, solver=solver, S_churn=S_churn, S_min=S_min, S_max=S_max,
-                       S_noise=S_noise)
-    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=net, device=latents.device)
+                       S_noise=S_noise, eta=eta, variance=variance)
+    t_steps = sampling_time_steps(net, num_steps, sigma_min, sigma_max, rho, solver, device=latents.device)
 
     def denoise(x, t):
         return net(x, t, class_labels).to(torch.float64)
 
     return _integrate(denoise, latents, t_steps, randn_like, _round_sigma(net), S_churn, S_min, S_max, S_noise,
-                      solver)
+                      solver, eta=eta, variance=variance)
+
+#----------------------------------------------------------------------------
+# Classifier-free guidance.
+
+class ClassifierFreeGuidance(torch.nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022) as a denoiser: D = D_u + w·(D_c − D_u), D_u = D(x, σ, 0).
+
+    The unconditional estimate is the network with all-zero labels, which is what label dropout
+    (`train.py --label_dropout`) trains it on; w = 1 is the conditional network, w = 0 the unconditional one.
+    Both run as one network call of batch 2N. The wrapper has the network's sampling attributes, so every
+    sampler and solver (and an ambient network's masks) use it unchanged.
+    """
+
+    def __init__(self, net, cfg_scale):
+        super().__init__()
+        if not getattr(net, 'label_dim', 0):
+            raise ValueError('classifier-free guidance needs a class-conditional network (trained with --cond=True '
+                             'and --label_dropout > 0); this one has no labels: drop --cfg_scale')
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not 0 <= cfg_scale < math.inf:
+            raise ValueError(f'cfg_scale={cfg_scale!r} is invalid; pass a guidance weight >= 0')
+        self.net, self.cfg_scale = net, float(cfg_scale)
+        for name in ('img_resolution', 'img_channels', 'label_dim', 'ambient', 'sigma_min', 'sigma_max', 'hidden_precond',
+                     'discrete_sigmas'):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+        self.train(getattr(net, 'training', False))
+
+    def round_sigma(self, sigma):
+        return _round_sigma(self.net)(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        if class_labels is None:
+            raise ValueError('classifier-free guidance needs class labels (a class per sample)')
+        sigma = torch.as_tensor(sigma, device=x.device)
+        sigma = sigma.reshape(-1).repeat(2) if sigma.numel() > 1 else sigma
+        D = self.net(torch.cat([x, x]), sigma, torch.cat([class_labels, torch.zeros_like(class_labels)]))
+        D_cond, D_uncond = D.chunk(2)
+        return D_uncond + self.cfg_scale * (D_cond - D_uncond)
+
 
 #----------------------------------------------------------------------------
 # Ambient denoisers, clipping and guidance.
@@ -287,7 +391,7 @@ def guided_ambient_denoiser(net, masks, class_labels=None, guidance_scale=0.0, c
 def ambient_sampler(net, latents, masks, class_labels=None, randn_like=torch.randn_like, num_steps=18,
                     sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
                     solver='heun', guidance_scale=0.0, clipping='none', clip_percentile=0.995, resample_masks=None,
-                    extra_guidance=(), guidance_units='ours'):
+                    extra_guidance=(), guidance_units='ours', eta=0.0, variance='beta_tilde'):
     """Fixed-mask sampler of Ambient Diffusion (Daras et al. 2023, Sec. 4) on EDM's Algorithm 2.
 
     latents: [N, C, H, W] standard normal. masks: [N, K, C, H, W] (K ≥ 1; or [N, C, H, W] for K = 1), drawn
@@ -299,13 +403,15 @@ def ambient_sampler(net, latents, masks, class_labels=None, randn_like=torch.ran
     guidance_units: 'ours' (w as above) or 'original': guidance_scale is the original's λ, whose step moved x by
     −λ·∇[½K·Σ_j‖D_0 − D_j‖²] in each Heun stage; that is w = λ·K·σ/(t̂ − t_{i+1}) at the stage's noise level σ.
     The extra terms scale the same way, so that x moves by −∇ℓ per stage (the original's DPS step).
+    solver='ddim' (`eta`) or 'ddpm' (`variance`): `ddim_step`s on the guided estimate D̃ (see `edm_sampler`).
     Returns x_N [N, C, H, W] float64.
     """
     check_sampler_args(net, ambient=True, latents=latents, masks=masks, solver=solver, S_churn=S_churn, S_min=S_min,
-                       S_max=S_max, S_noise=S_noise, resample_masks=resample_masks, guidance_units=guidance_units)
+                       S_max=S_max, S_noise=S_noise, resample_masks=resample_masks, guidance_units=guidance_units,
+                       eta=eta, variance=variance)
     masks = masks if masks.ndim == 5 else masks[:, None]
     n, k = masks.shape[:2]
-    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=net, device=latents.device)
+    t_steps = sampling_time_steps(net, num_steps, sigma_min, sigma_max, rho, solver, device=latents.device)
     step = dict(size=None)  # t̂ − t_{i+1} of the current step, for the original's guidance units
     if guidance_units == 'original':
         to_ours = lambda sigma: sigma / step['size']  # a push of D by g moves x by g·(t̂ − t_{i+1})/σ
@@ -332,7 +438,7 @@ def ambient_sampler(net, latents, masks, class_labels=None, randn_like=torch.ran
         current['denoise'] = guided_ambient_denoiser(net, new_masks, **options)
 
     return _integrate(lambda x, t: current['denoise'](x, t), latents, t_steps, randn_like, _round_sigma(net),
-                      S_churn, S_min, S_max, S_noise, solver, begin_step=begin_step)
+                      S_churn, S_min, S_max, S_noise, solver, begin_step=begin_step, eta=eta, variance=variance)
 
 #----------------------------------------------------------------------------
 # Per-seed masks and batch generation.
