@@ -29,7 +29,8 @@ from dnnlib.util import atomic_write
 from torch_utils import distributed as dist
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
-from training import metrics, samplers, snapshots
+from torch_utils.ambient_diffusion import downsample, upsample_bicubic
+from training import inverse, metrics, samplers, snapshots
 from training.dataset import ImageFolderDataset
 from training.cli import (SIGMA_RANGE, check_output_dir, check_output_file, check_subset_seed, claim_output_dir,
                           command_body, detector_options, file_digest, given_options, guidance_rules, image_path,
@@ -222,6 +223,91 @@ def generate(opts):
             break
         time.sleep(opts.poll)
     dist.print0('Done.')
+
+
+@cli.command()
+@network_options
+@click.option('--data',             help='High-resolution images (the low-resolution input is made from them and they are scored against) or low-resolution ones (1/sr_factor of the network\'s size; nothing to score against)', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--outdir',           help='Where sr/, bicubic/, lowres/ (and ref/), metrics.jsonl and grids go', metavar='DIR', type=str, required=True)
+@click.option('--seeds',            help='Images i (dataset index i, seed i of the sampler)', metavar='LIST', type=parse_int_list, default='0-63', show_default=True)
+@click.option('--batch',            help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@sampler_options
+@sampling_mask_options
+@click.option('--corruption_pattern', help='Sampling mask pattern of an ambient network  [default: the training one]', type=click.Choice(['dust', 'box', 'fixed_box', 'keep_patch']))
+@command_body()
+def superres(opts):
+    """Super-resolve images with an SR3 network (train.py --task=superres); PSNR/SSIM against the bicubic baseline."""
+    refuse_ignored(given_options(), guidance_rules(opts) + [
+        ('num_masks', opts.num_masks > 1, 'super-resolution samples with one mask per image'),
+        ('cfg_scale', opts.cfg_scale is not None, 'super-resolution runs without classifier-free guidance')])
+    check_output_dir(opts.outdir)
+    dataset = ImageFolderDataset(opts.data, mode='clean')
+    paths = snapshots.resolve_networks(opts.network, latest=opts.latest)
+    for path in paths:
+        net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
+                                             allow_unsafe_pickle=opts.allow_unsafe_pickle)
+        factor = getattr(net, 'sr_factor', None)
+        if not factor:
+            raise click.ClickException(f'{path} is not a super-resolution network; train one with train.py --task=superres')
+        if dataset.resolution not in (net.img_resolution, net.img_resolution // factor):
+            raise click.ClickException(f'{opts.data} holds {dataset.resolution}x{dataset.resolution} images; {path} '
+                                       f'super-resolves {net.img_resolution // factor} to {net.img_resolution}: pass '
+                                       'either size (dataset_tool.py --resolution)')
+        if max(opts.seeds) >= len(dataset):
+            raise click.BadParameter(f'{opts.data} holds {len(dataset)} images; pass --seeds within 0-{len(dataset) - 1}',
+                                     param_hint='--seeds')
+        outdir = opts.outdir if len(paths) == 1 else os.path.join(opts.outdir, kimg_tag(info.nimg))
+        sampler_kwargs = dict(num_steps=opts.steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
+                              S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise,
+                              solver=opts.solver, eta=opts.eta, variance=opts.ddpm_variance)
+        corruption = sampling_corruption(info, opts)
+        if info.ambient:
+            sampler_kwargs.update(corruption=corruption, guidance_scale=opts.guidance_scale, clipping=opts.clipping)
+        claim_output_dir(outdir, dict(network_sha256=file_digest(path), sampler={k: v for k, v in sampler_kwargs.items() if k != 'corruption'},
+                                      corruption=corruption.to_dict() if corruption is not None else None,
+                                      data=os.path.realpath(opts.data)))
+        _superres_images(net, dataset, factor, opts.seeds, outdir, opts.batch, sampler_kwargs)
+    dist.print0('Done.')
+
+
+def _superres_images(net, dataset, factor, seeds, outdir, batch, sampler_kwargs):
+    """Super-resolve every seed not yet done (split across processes), save the images and their scores."""
+    high = dataset.resolution == net.img_resolution
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    todo = [s for s in seeds if not os.path.isfile(os.path.join(outdir, 'sr', f'{s:06d}.png'))]
+    num_batches = max((len(todo) - 1) // (batch * world_size) + 1, 1) * world_size
+    dist.print0(f'Super-resolving {len(todo)} of {len(seeds)} images to "{outdir}" ({len(seeds) - len(todo)} already there)...')
+    rows = []
+    for batch_seeds in tqdm.tqdm(np.array_split(np.array(todo, dtype=np.int64), num_batches)[rank::world_size],
+                                 unit='batch', disable=rank != 0):
+        batch_seeds = batch_seeds.tolist()
+        if not batch_seeds:
+            continue
+        images = torch.stack([dataset[s][0] for s in batch_seeds]).to(dist.device())
+        lowres = downsample(images, factor) if high else images
+        outputs = dict(sr=inverse.superres_batch(net, lowres, batch_seeds, **sampler_kwargs),
+                       bicubic=upsample_bicubic(lowres, factor).clamp(-1, 1), lowres=lowres)
+        if high:
+            outputs['ref'] = images
+            ref = metrics.as_saved_unit(images)
+            rows += [dict(seed=s, psnr=float(p), ssim=float(q), bicubic_psnr=float(bp), bicubic_ssim=float(bq))
+                     for s, p, q, bp, bq in zip(batch_seeds, *(f(metrics.as_saved_unit(outputs[k]), ref) for k in ('sr', 'bicubic')
+                                                               for f in (metrics.psnr, metrics.ssim)))]
+        for kind in sorted(outputs, key=lambda k: k == 'sr'):  # sr/ last: its image marks the seed as done
+            for seed, image in zip(batch_seeds, to_uint8(outputs[kind])):
+                save_png(image, os.path.join(outdir, kind, f'{seed:06d}.png'))
+    rows = [row for part in dist.all_gather_object(rows) for row in part]
+    if dist.get_rank() == 0 and rows:
+        with open(os.path.join(outdir, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+            f.writelines(json.dumps(row) + '\n' for row in sorted(rows, key=lambda r: r['seed']))
+    if dist.get_rank() == 0 and os.path.isfile(os.path.join(outdir, 'metrics.jsonl')):
+        with open(os.path.join(outdir, 'metrics.jsonl'), encoding='utf-8') as f:
+            done = {row['seed']: row for row in map(json.loads, f)}
+        scored = [done[s] for s in seeds if s in done]
+        mean = lambda key: float(np.mean([r[key] for r in scored]))  # noqa: E731
+        click.echo(f'\n{len(scored)} images: SR3 PSNR {mean("psnr"):.2f} dB, SSIM {mean("ssim"):.4f}; bicubic PSNR '
+                   f'{mean("bicubic_psnr"):.2f} dB, SSIM {mean("bicubic_ssim"):.4f}')
+
 
 
 DEFAULT_SIGMAS = '0.002,0.005,0.01,0.02,0.05,0.1,0.2,0.5,1,2,5,10'

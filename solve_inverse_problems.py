@@ -25,15 +25,15 @@ import click
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils.ambient_diffusion import gaussian_kernel, get_operator
+from torch_utils.ambient_diffusion import get_operator
 from torch_utils.images import save_image_grid, save_png, to_uint8
 from torch_utils.misc import parse_int_list
 from training import cli, inverse, metrics, samplers, snapshots
 from training.dataset import ImageFolderDataset
+from training.metrics import psnr, ssim  # noqa: F401 (scores of this command; tests use them from here)
 from training.snapshots import kimg_tag
 
 KINDS = ('ref', 'measurement', 'reconstruction', 'baseline')
@@ -49,47 +49,6 @@ OUTPUT_OPTIONS = ('corruption_pattern', 'operator_corruption_probability', 'oper
                   'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'solver', 'num_masks', 'guidance_scale', 'clipping',
                   'guidance_units', 'subdirs', 'class_idx', 'eta', 'ddpm_variance', 'cfg_scale', 'method', 'jump_length',
                   'jump_n_sample')
-
-# ---------------------------------------------------------------------------------------------
-# Image quality.
-
-
-def psnr(x, y):
-    """PSNR = 10·log10(1/MSE) per image of x, y [N, C, H, W] in [0, 1] (float64 [N]; inf where x = y)."""
-    mse = (x.double() - y.double()).square().flatten(1).mean(dim=1)
-    return 10 * torch.log10(1 / mse)
-
-
-def ssim(x, y, window_size=11, window_std=1.5, K1=0.01, K2=0.03):
-    """SSIM (Wang et al. 2004) per image of x, y [N, C, H, W] in [0, 1]: float64 [N].
-
-    Gaussian-weighted local statistics (window `window_size`, std `window_std`) over the valid region (no
-    padding), C1 = (K1·L)², C2 = (K2·L)² with L = 1, the SSIM map averaged over pixels and channels. Images
-    smaller than the window use a window of their smaller side (rounded down to odd).
-    """
-    if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f'ssim needs two batches of the same shape [N, C, H, W], got {tuple(x.shape)} and {tuple(y.shape)}')
-    x, y = x.double(), y.double()
-    n, c, h, w = x.shape
-    size = min(window_size, h, w)
-    size -= 1 - size % 2
-    window = gaussian_kernel(size, window_std, dtype=torch.float64).to(x.device).expand(c, 1, size, size)  # [C, 1, k, k]
-
-    def local_mean(z):
-        return F.conv2d(z, window, groups=c)
-
-    mu_x, mu_y = local_mean(x), local_mean(y)
-    var_x = local_mean(x * x) - mu_x ** 2
-    var_y = local_mean(y * y) - mu_y ** 2
-    cov = local_mean(x * y) - mu_x * mu_y
-    C1, C2 = K1 ** 2, K2 ** 2
-    s = ((2 * mu_x * mu_y + C1) * (2 * cov + C2)) / ((mu_x ** 2 + mu_y ** 2 + C1) * (var_x + var_y + C2))
-    return s.flatten(1).mean(dim=1)
-
-
-def _unit(images):
-    """[N, C, H, W] in [−1, 1] -> the saved uint8 images as float64 in [0, 1] (scores match the PNGs)."""
-    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).double() / 255
 
 # ---------------------------------------------------------------------------------------------
 # Solving.
@@ -160,8 +119,8 @@ def solve_images(net, info, operator, dataset, seeds, outdir, opts, device=None)
         images = dict(ref=x0, reconstruction=x_hat, baseline=baseline)
         if operator.measurement_is_image:
             images['measurement'] = y.clamp(-1, 1)
-        ref = _unit(x0)
-        scores = {kind: (psnr(_unit(images[kind]), ref), ssim(_unit(images[kind]), ref))
+        ref = metrics.as_saved_unit(x0)
+        scores = {kind: (psnr(metrics.as_saved_unit(images[kind]), ref), ssim(metrics.as_saved_unit(images[kind]), ref))
                   for kind in ('reconstruction', 'baseline')}
         lines = [json.dumps(dict(seed=seed, psnr=float(scores['reconstruction'][0][i]),
                                  ssim=float(scores['reconstruction'][1][i]), baseline_psnr=float(scores['baseline'][0][i]),

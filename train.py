@@ -36,6 +36,7 @@ DATA_KEYS = ('path', 'max_size', 'xflip', 'use_labels', 'noise_sigma', 'clean_fr
 ORIGINAL_PRESET = dict(gate='double_sigmoid', hidden_precond='original', cond_sigma_min=0.0, augment_set='edm',
                        fixed_hat_mask=True, mask_geometry='original')
 DEFAULT_CORRUPTION_PROBABILITY = 0.4
+DEFAULT_AUGMENT = 0.12
 MASK_AWARE_COND_SIGMA_MIN = 0.1  # about the 18th percentile of EDM's training σ (ln σ ~ N(-1.2, 1.2²))
 
 
@@ -100,6 +101,7 @@ def build_config(opts, world_size=1):
                 'trains on the observations as if they were clean; use --precond=ambient or set --delta_probability=0')
     _check_noisy_options(opts)
     _ddpm_schedule(opts)
+    sr_factor = _check_superres(opts)
     delta_probability = opts.delta_probability if opts.delta_probability is not None else (0.1 if ambient else 0.0)
     batch_gpu = opts.batch_gpu or opts.batch // world_size
     if opts.batch % world_size != 0 or (opts.batch // world_size) % batch_gpu != 0:
@@ -116,12 +118,16 @@ def build_config(opts, world_size=1):
         c.dataset_kwargs.update(noise_sigma=opts.noise_sigma, clean_fraction=opts.clean_fraction or 0.0)
     if opts.precond in NOISY_PRECONDS:
         c.dataset_kwargs.noise_items = True
+    if sr_factor:
+        c.dataset_kwargs.sr_factor = sr_factor
     if opts.get('mask_geometry', 'ours') != 'ours':
         c.dataset_kwargs.mask_geometry = opts.mask_geometry
     c.data_loader_kwargs = dnnlib.EasyDict(num_workers=opts.workers, pin_memory=torch.cuda.is_available())
     if opts.workers > 0:
         c.data_loader_kwargs.prefetch_factor = 2
     c.network_kwargs = _network_kwargs(opts)
+    if sr_factor:
+        c.network_kwargs.sr_factor = sr_factor
     loss_class = {'ambient': 'AmbientLoss', 'ambient_vp': 'AmbientVPLoss', 'edm': 'EDMLoss', 'vp': 'VPLoss',
         've': 'VELoss', 'ambient_noisy': 'NoisyAmbientLoss', 'ambient_noisy_vp': 'NoisyAmbientVPLoss', 'ddpm': 'DDPMLoss',
         'ambient_ddpm': 'AmbientDDPMLoss'}[opts.precond]
@@ -139,7 +145,7 @@ def build_config(opts, world_size=1):
     if opts.weight_decay > 0:
         c.optimizer_kwargs.weight_decay = opts.weight_decay
     c.augment_kwargs = None
-    if opts.augment > 0:
+    if resolve_augment(opts) > 0:
         augment_set = opts.augment_set or ('blit' if opts.corruption_pattern == 'dust' else 'edm')
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1)
         if augment_set == 'edm':
@@ -160,6 +166,28 @@ def build_config(opts, world_size=1):
     if opts.transfer is not None:
         c.transfer = opts.transfer
     return c
+
+
+def resolve_augment(opts):
+    """--augment's value: 0.12 by default, 0 for super-resolution (its condition is not augmented with the image)."""
+    if opts.get('augment') is None:
+        opts.augment = 0.0 if opts.get('task', 'generate') == 'superres' else DEFAULT_AUGMENT
+    return opts.augment
+
+
+def _check_superres(opts):
+    """--task=superres (SR3): the network sees the upsampled low-resolution image as extra channels."""
+    if opts.get('task', 'generate') != 'superres':
+        if opts.get('sr_factor') is not None:
+            raise ConfigError('--sr_factor is the super-resolution factor; add --task=superres')
+        return None
+    if opts.precond in NOISY_PRECONDS:
+        raise ConfigError(f'--task=superres is not available with --precond={opts.precond}; use edm, vp, ve, ddpm or '
+                          'the mask losses')
+    if resolve_augment(opts) > 0:
+        raise ConfigError('--task=superres trains without augmentation (the low-resolution condition would not follow '
+                          'the augmented image); pass --augment=0')
+    return opts.get('sr_factor') or 4
 
 
 def _ddpm_schedule(opts):
@@ -235,6 +263,8 @@ def _resolve_resume(resume):
 @click.option('--hidden_precond',         help='Preconditioning of pixels hidden from the network: mask_aware (per pixel, unit-variance targets) or original (the original code\'s)  [default: mask_aware]', type=click.Choice(['mask_aware', 'original']))
 @click.option('--cond_sigma_min',         help='Smallest noise level the network is told: c_noise uses max(σ, this); 0 = σ itself  [default: 0.1 with mask_aware, else 0]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--clean_diagnostics',      help='Also report the loss on every pixel (Loss/loss_all; the original\'s loss_test) from the clean images of a synthetically corrupted dataset; never trained on', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--task',                   help='generate: unconditional (or class-conditional) images; superres: SR3, the low-resolution image as extra input', type=click.Choice(['generate', 'superres']), default='generate', show_default=True)
+@click.option('--sr_factor',              help='--task=superres: the downsampling factor  [default: 4]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--beta_schedule',          help='DDPM preconds: β schedule, linear (Ho et al.) or cosine (Nichol & Dhariwal)  [default: linear]', type=click.Choice(['linear', 'cosine']))
 @click.option('--beta_start',             help='DDPM preconds: first β of the linear schedule  [default: 1e-4]', metavar='FLOAT', type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option('--beta_end',               help='DDPM preconds: last β of the linear schedule  [default: 0.02]', metavar='FLOAT', type=click.FloatRange(0, 1, min_open=True, max_open=True))
@@ -262,7 +292,7 @@ def _resolve_resume(resume):
 @click.option('--ema',          help='EMA half-life', metavar='MIMG',                            type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--label_dropout', help='Zero each image\'s class label with this probability (for classifier-free guidance, eval.py --cfg_scale)', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=0, show_default=True)
 @click.option('--dropout',      help='Dropout probability', metavar='FLOAT',                     type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
-@click.option('--augment',      help='Augment probability', metavar='FLOAT',                     type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
+@click.option('--augment',      help='Augment probability  [default: 0.12; 0 for --task=superres]', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
 @click.option('--augment_set',  help='Augmentations: edm = EDM\'s warps (erase observed pixels near hidden ones), blit = exact flips, quarter turns and integer shifts  [default: blit for dust, else edm]', type=click.Choice(['edm', 'blit']))
 @click.option('--xflip',        help='Enable dataset x-flips', metavar='BOOL',                   type=bool, default=False, show_default=True)
 @click.option('--max_size',     help='Train on a seeded subset of this many images', metavar='INT', type=click.IntRange(min=1))
@@ -319,7 +349,7 @@ def _refuse_ignored_options(opts, given):
         ('mask_full_rgb', opts.corruption_pattern != 'dust', f'{opts.corruption_pattern} masks are shared by the '
          'channels already; it applies to --corruption_pattern=dust'),
         ('fp16', opts.fp16 and not torch.cuda.is_available(), 'mixed precision needs a CUDA device; drop --fp16'),
-        ('augment_set', opts.augment == 0, 'augmentation is off (--augment=0)'),
+        ('augment_set', resolve_augment(opts) == 0, 'augmentation is off (--augment=0)'),
         ('desc', opts.nosubdir, 'it names the run subdirectory, which --nosubdir turns off'),
         ('label_dropout', not opts.cond, 'it drops class labels, and --cond=False trains without them; add --cond=True'),
         ('desc', opts.experiment_name is not None, '--experiment_name names the run directory already; give one of them'),

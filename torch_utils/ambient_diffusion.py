@@ -490,6 +490,17 @@ class _Blur(ForwardOperator):
         return y
 
 
+def downsample(x, factor):
+    """Block means over factor x factor pixels (the averaging operator's measurement): [N, C, H/f, W/f]."""
+    _check_factor(factor, x.shape)
+    return F.avg_pool2d(x, factor)
+
+
+def upsample_bicubic(y, factor):
+    """Bicubic upsampling by `factor` (SR3's conditioning and the usual super-resolution baseline)."""
+    return F.interpolate(y, scale_factor=factor, mode='bicubic', align_corners=False)
+
+
 def gaussian_kernel(kernel_size, kernel_std, dtype=torch.float32):
     """Normalised 2-D Gaussian exp(-d²/2σ²) over a k x k window ([k, k], computed in float64, returned as `dtype`).
 

@@ -18,6 +18,10 @@ noise of std `noise_sigma`, which is part of the image the dataset yields). With
 also carries `noise_info` = [σ_t, σ_min, σ_max, kind code] (σ_t from a `(index, draw_id, σ_t)` key, as the
 σ-first sampler yields; NaN without one) and the image's fixed noise n_fixed (zeros unless the kind is
 'corrupted'), both mirrored with x-flipped copies.
+
+Super-resolution (`sr_factor`): an item also carries SR3's condition, the image's block means upsampled back
+(`sr_condition`), a second measurement of x0 like A ⊙ x0. Item layout: (observation, label, A, Ã
+[, noise_info, fixed noise][, condition][, clean]).
 """
 
 import io
@@ -29,7 +33,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from torch_utils.ambient_diffusion import MaskCorruption
+from torch_utils.ambient_diffusion import MaskCorruption, downsample, upsample_bicubic
 from torch_utils.misc import seed_hash, seeded_generator
 
 MODES = ('corrupted', 'clean')
@@ -76,6 +80,7 @@ class Dataset(torch.utils.data.Dataset):
         noise_sigma         = None,     # Synthetic noisy data: std of the fixed Gaussian noise of the noisy images.
         clean_fraction      = 0.0,      # Synthetic noisy data: the seeded share of images left clean.
         noise_items         = False,    # Items also carry noise_info and the fixed noise (the noisy-data losses).
+        sr_factor           = None,     # Items also carry the super-resolution condition (a measurement of x0).
     ):
         if mode not in MODES:
             raise DatasetError(f"mode={mode!r} is not one of {MODES}")
@@ -100,6 +105,7 @@ class Dataset(torch.utils.data.Dataset):
         self.noise_sigma = None if noise_sigma is None else float(noise_sigma)
         self.clean_fraction = float(clean_fraction)
         self.noise_items = bool(noise_items)
+        self.sr_factor = sr_factor
         self._annotations = None
         if self.noise_sigma is not None and not (np.isfinite(self.noise_sigma) and self.noise_sigma > 0):
             raise DatasetError(f"noise_sigma={noise_sigma} must be a positive noise std (images in [-1, 1])")
@@ -301,6 +307,8 @@ class Dataset(torch.utils.data.Dataset):
             fixed = flip(self._noise(_TAG_FIXED_NOISE, raw_idx)) if kind == KIND_CODES['corrupted'] else \
                 torch.zeros(self._raw_shape[1:])
             item += (info, fixed)
+        if self.sr_factor:
+            item += (sr_condition(clean, self.sr_factor),)
         if self.with_clean:
             item += (clean,)
         return item
@@ -523,6 +531,14 @@ def parse_labels(values, names, where):
         raise DatasetError(f"{where}: class labels go up to {num_classes - 1} but only {used} classes have images; "
                            "renumber the classes 0..K-1")
     return labels
+
+
+def sr_condition(x0, sr_factor):
+    """SR3's condition (Saharia et al. 2022): the low-resolution image (block means of sr_factor² pixels) upsampled
+    back bicubically; [C, H, W] or [N, C, H, W]. Like the mask A, a measurement of x0 the dataset makes."""
+    batch = x0[None] if x0.ndim == 3 else x0
+    condition = upsample_bicubic(downsample(batch, sr_factor), sr_factor)
+    return condition[0] if x0.ndim == 3 else condition
 
 
 def _sigma_value(value, allow_inf):

@@ -10,6 +10,9 @@ SDEs", App. I.2): after every step to σ', the known pixels are set to the measu
 m ⊙ (y + σ'·z) + (1 − m) ⊙ x (y itself at σ' = 0); and RePaint (`method='repaint'`; Lugmayr et al. 2022), which
 also goes back up `jump_length` levels by forward diffusion, `jump_n_sample` − 1 times per jump point, so the
 unknown region harmonises with the known one (`repaint_moves`).
+
+Super-resolution with an SR3 network (`superres_batch`; Saharia et al. 2022): the low-resolution image, upsampled
+bicubically, is the network's condition; sampling is `generate_batch` on `samplers.LowResConditioned`.
 """
 
 import math
@@ -17,10 +20,11 @@ import numbers
 
 import torch
 
+from torch_utils.ambient_diffusion import upsample_bicubic
 from torch_utils.misc import StackedRandomGenerator, seeded_generator
-from training.samplers import (_class_labels, _finite_images, _net_device, _round_sigma, ambient_sampler,
-                               check_sampler_args, guided_ambient_denoiser, sample_masks, sampling_time_steps,
-                               solver_step)
+from training.samplers import (LowResConditioned, _class_labels, _finite_images, _net_device, _round_sigma,
+                               ambient_sampler, check_sampler_args, generate_batch, guided_ambient_denoiser,
+                               sample_masks, sampling_time_steps, solver_step)
 
 DPS_NORMS = ('per_sample', 'batch')
 _MEASUREMENT_STREAM = 1     # spawn key that separates the measurement stream from the sampler's
@@ -210,3 +214,20 @@ def _replace(net, latents, masks, labels, y, known, rnd, jump_length, jump_n_sam
     moves = repaint_moves(len(t_steps) - 1, jump_length, jump_n_sample)
     return replacement_sampler(lambda x, t: denoise(x, t).to(torch.float64), latents, y, known, t_steps, moves,
                                rnd.randn_like, solver, eta, variance)
+
+
+def superres_batch(net, lowres, seeds, corruption=None, device=None, **sampler_kwargs):
+    """SR3 samples [N, C, H, W] float32 in [−1, 1] for low-resolution images `lowres` [N, C, H/f, W/f] (f =
+    net.sr_factor), with generate_batch's per-seed randomness (a sample depends on its seed and image alone)."""
+    factor = getattr(net, 'sr_factor', None)
+    if not factor:
+        raise ValueError('this network was not trained for super-resolution (no sr_factor); train one with '
+                         'train.py --task=superres')
+    expected = (net.img_resolution // factor,) * 2
+    if tuple(lowres.shape[-2:]) != expected:
+        raise ValueError(f'low-resolution images are {tuple(lowres.shape[-2:])}, the network super-resolves {expected} '
+                         f'by {factor}')
+    device = torch.device(device) if device is not None else _net_device(net)
+    condition = upsample_bicubic(lowres.to(device, torch.float32), factor)
+    return generate_batch(LowResConditioned(net, condition), seeds, corruption=corruption, device=device,
+                          **sampler_kwargs)

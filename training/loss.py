@@ -81,6 +81,11 @@ def _augment_with_clean(augment_pipe, images, masks, clean, generator):
     return images, labels, masks, _augment(augment_pipe, clean, generator=generator)[0]
 
 
+def _conditioning(condition):
+    """The network's extra keyword for a super-resolution condition (none without one, so any denoiser works)."""
+    return {} if condition is None else dict(condition=condition)
+
+
 def _penalty(residual, norm):
     if norm == 2:
         return residual.square()
@@ -111,14 +116,16 @@ class _CleanLoss:
     def weight(self, sigma):
         raise NotImplementedError
 
-    def __call__(self, net, images, labels=None, augment_pipe=None, generator=None, augment_generator=None, sigma=None):
-        """`sigma`: the noise levels [N, 1, 1, 1] to train at; drawn from `generator` when None."""
+    def __call__(self, net, images, labels=None, augment_pipe=None, generator=None, augment_generator=None, sigma=None,
+                 condition=None):
+        """`sigma`: the noise levels [N, 1, 1, 1] to train at; drawn from `generator` when None. `condition`: the
+        super-resolution network's low-resolution input (SR3), if it takes one."""
         if sigma is None:
             sigma = self.sample_sigma(images, generator)
         weight = self.weight(sigma)
         y, augment_labels, _ = _augment(augment_pipe, images, generator=_augment_generator(generator, augment_generator))
         n = _randn(y.shape, y, generator) * sigma
-        D = net(y + n, sigma, labels, augment_labels=augment_labels)
+        D = net(y + n, sigma, labels, augment_labels=augment_labels, **_conditioning(condition))
         loss = weight * (D - y).square()
         return loss, dict(loss=_masked_mean(loss.detach()))
 
@@ -224,14 +231,14 @@ class _AmbientLoss:
         return 1 / c_out ** 2
 
     def __call__(self, net, observation, mask, hat_mask, labels=None, augment_pipe=None, clean=None,
-                 generator=None, augment_generator=None):
+                 generator=None, augment_generator=None, condition=None):
         sigma = self.sample_sigma(observation, generator)
         y, augment_labels, (A, A_hat), clean = _augment_with_clean(augment_pipe, observation, (mask, hat_mask), clean,
             _augment_generator(generator, augment_generator))
         y = y * A  # Keep the observation exactly A ⊙ x0, whatever the caller passed.
         n = _randn(y.shape, y, generator) * sigma
         net_input = torch.cat([A_hat * (y + n), A_hat], dim=1)
-        D = net(net_input, sigma, labels, augment_labels=augment_labels)
+        D = net(net_input, sigma, labels, augment_labels=augment_labels, **_conditioning(condition))
         weight = self.pixel_weight(sigma, A_hat)
         residual = D - y
         loss = weight * _penalty(A * residual, self.norm)

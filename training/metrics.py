@@ -23,11 +23,14 @@ import zipfile
 import numpy as np
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import pickles
+from torch_utils.images import to_uint8
+from torch_utils.ambient_diffusion import gaussian_kernel
 
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 ORIGINAL_IS_CLAMP = 1e-6  # The original eval.py clamps probabilities to [1e-6, 1] before its single-split IS.
@@ -451,3 +454,44 @@ def calculate_inception_stats(source, detector, num_expected=None, max_size=None
                                          num_workers=num_workers)
     return compute_feature_stats(loader, detector, num_images=len(indices), device=device, compute_is=compute_is,
                                  num_splits=min(num_splits, len(indices)), progress=progress, total=len(batches))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction quality (inverse problems, super-resolution).
+
+def psnr(x, y):
+    """PSNR = 10·log10(1/MSE) per image of x, y [N, C, H, W] in [0, 1] (float64 [N]; inf where x = y)."""
+    mse = (x.double() - y.double()).square().flatten(1).mean(dim=1)
+    return 10 * torch.log10(1 / mse)
+
+
+def ssim(x, y, window_size=11, window_std=1.5, K1=0.01, K2=0.03):
+    """SSIM (Wang et al. 2004) per image of x, y [N, C, H, W] in [0, 1]: float64 [N].
+
+    Gaussian-weighted local statistics (window `window_size`, std `window_std`) over the valid region (no
+    padding), C1 = (K1·L)², C2 = (K2·L)² with L = 1, the SSIM map averaged over pixels and channels. Images
+    smaller than the window use a window of their smaller side (rounded down to odd).
+    """
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f'ssim needs two batches of the same shape [N, C, H, W], got {tuple(x.shape)} and {tuple(y.shape)}')
+    x, y = x.double(), y.double()
+    n, c, h, w = x.shape
+    size = min(window_size, h, w)
+    size -= 1 - size % 2
+    window = gaussian_kernel(size, window_std, dtype=torch.float64).to(x.device).expand(c, 1, size, size)  # [C, 1, k, k]
+
+    def local_mean(z):
+        return F.conv2d(z, window, groups=c)
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x ** 2
+    var_y = local_mean(y * y) - mu_y ** 2
+    cov = local_mean(x * y) - mu_x * mu_y
+    C1, C2 = K1 ** 2, K2 ** 2
+    s = ((2 * mu_x * mu_y + C1) * (2 * cov + C2)) / ((mu_x ** 2 + mu_y ** 2 + C1) * (var_x + var_y + C2))
+    return s.flatten(1).mean(dim=1)
+
+
+def as_saved_unit(images):
+    """[N, C, H, W] in [−1, 1] -> the images as saved (uint8) in float64 [0, 1], so scores match the PNGs."""
+    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).double() / 255

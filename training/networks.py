@@ -267,12 +267,15 @@ class _Precond(torch.nn.Module):
         (per-pixel coefficients from the mask channels, see the module docstring); hidden_sigma is the
         c_out of hidden pixels in 'mask_aware' (σd, the data's standard deviation).
     cond_sigma_min: c_noise is computed from max(σ, cond_sigma_min) (0: from σ; see the module docstring).
+    sr_factor: super-resolution (SR3, Saharia et al. 2022): F also sees `condition`, the low-resolution image
+        (1/sr_factor of the size) upsampled back, as C extra input channels after c_in·x, not scaled.
 
     Attributes: `model` (the network F), `denoised_channels` (channels of D(x)), `sigma_min`, `sigma_max`.
     """
 
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, out_channels, ambient,
-                 gated, gate, hidden_precond='original', hidden_sigma=0.5, cond_sigma_min=0, **model_kwargs):
+                 gated, gate, hidden_precond='original', hidden_sigma=0.5, cond_sigma_min=0, sr_factor=None,
+                 **model_kwargs):
         super().__init__()
         if not cond_sigma_min >= 0:
             raise ValueError(f'cond_sigma_min={cond_sigma_min}: expected a noise level >= 0 (0 turns the floor off)')
@@ -298,12 +301,17 @@ class _Precond(torch.nn.Module):
         self.hidden_sigma = float(hidden_sigma)
         self.cond_sigma_min = float(cond_sigma_min)
         data_channels = img_channels // 2 if ambient else img_channels
+        if sr_factor is not None and (isinstance(sr_factor, bool) or not isinstance(sr_factor, int) or sr_factor < 2
+                                      or img_resolution % sr_factor):
+            raise ValueError(f'sr_factor={sr_factor!r}: expected an integer >= 2 that divides img_resolution={img_resolution}')
+        self.sr_factor = sr_factor
+        self.condition_channels = data_channels if sr_factor else 0
         self.out_channels = out_channels if out_channels is not None else data_channels  # channels of F
         # D(x) has the image's channels; extra network outputs (a mask half, a learned variance) are unused.
         self.denoised_channels = min(self.out_channels, data_channels)
         self.gate = _check_gate(gate)
         self.model = ARCHITECTURES[model_type](
-            img_resolution=img_resolution, in_channels=img_channels, label_dim=label_dim, gate=gate,
+            img_resolution=img_resolution, in_channels=img_channels + self.condition_channels, label_dim=label_dim, gate=gate,
             out_channels=self.out_channels, **model_kwargs)
 
     def _cond_sigma(self, sigma):
@@ -331,7 +339,15 @@ class _Precond(torch.nn.Module):
     def _denoise(self, x, c_skip, c_out, c_in, c_noise, class_labels, force_fp32, model_kwargs):
         """D = c_skip·x + c_out·F(c_in·x, c_noise), on the first `denoised_channels` channels."""
         dtype = self._compute_dtype(x, force_fp32)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        condition = model_kwargs.pop('condition', None)
+        x_in = c_in * x
+        if (condition is None) != (not self.condition_channels):
+            raise ValueError(f'this network takes a {self.condition_channels}-channel low-resolution condition '
+                             '(sr_factor) and was called without one' if condition is None else
+                             'this network takes no condition (it was not trained for super-resolution)')
+        if condition is not None:
+            x_in = torch.cat([x_in, condition.to(x_in.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
+        F_x = self.model(x_in.to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         if F_x.dtype != dtype:
             raise RuntimeError(f'network returned {F_x.dtype}, expected {dtype}')
         n = self.denoised_channels

@@ -255,7 +255,45 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 #----------------------------------------------------------------------------
 # Classifier-free guidance.
 
-class ClassifierFreeGuidance(torch.nn.Module):
+class _DenoiserWrapper(torch.nn.Module):
+    """A denoiser around a network, with the network's sampling attributes, so that every sampler takes it."""
+
+    _ATTRIBUTES = ('img_resolution', 'img_channels', 'label_dim', 'ambient', 'sigma_min', 'sigma_max', 'hidden_precond',
+                   'discrete_sigmas')
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        for name in self._ATTRIBUTES:
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+        self.training = bool(getattr(net, 'training', False))  # the network's mode, without changing it
+
+    def round_sigma(self, sigma):
+        return _round_sigma(self.net)(sigma)
+
+
+class LowResConditioned(_DenoiserWrapper):
+    """A super-resolution network (SR3, Saharia et al. 2022; `sr_factor`) with its condition fixed:
+    D(x, σ) = net(x, σ, condition=c), c [N, C, H, W] the upsampled low-resolution images of the batch's samples.
+    One network call per evaluation of the N samples: one mask per sample for ambient networks, and no
+    classifier-free guidance (their batches would be N·K or 2N)."""
+
+    def __init__(self, net, condition):
+        super().__init__(net)
+        if not getattr(net, 'sr_factor', None):
+            raise ValueError('this network was not trained for super-resolution (no sr_factor); train one with '
+                             'train.py --task=superres')
+        self.condition = condition
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        if x.shape[0] != self.condition.shape[0]:
+            raise ValueError(f'super-resolution sampling evaluates the network on {self.condition.shape[0]} samples at '
+                             f'once, got {x.shape[0]}: use one mask per sample (--num_masks=1) and no --cfg_scale')
+        return self.net(x, sigma, class_labels, condition=self.condition.to(x.device), **kwargs)
+
+
+class ClassifierFreeGuidance(_DenoiserWrapper):
     """Classifier-free guidance (Ho & Salimans 2022) as a denoiser: D = D_u + w·(D_c − D_u), D_u = D(x, σ, 0).
 
     The unconditional estimate is the network with all-zero labels, which is what label dropout
@@ -265,21 +303,13 @@ class ClassifierFreeGuidance(torch.nn.Module):
     """
 
     def __init__(self, net, cfg_scale):
-        super().__init__()
+        super().__init__(net)
         if not getattr(net, 'label_dim', 0):
             raise ValueError('classifier-free guidance needs a class-conditional network (trained with --cond=True '
                              'and --label_dropout > 0); this one has no labels: drop --cfg_scale')
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not 0 <= cfg_scale < math.inf:
             raise ValueError(f'cfg_scale={cfg_scale!r} is invalid; pass a guidance weight >= 0')
-        self.net, self.cfg_scale = net, float(cfg_scale)
-        for name in ('img_resolution', 'img_channels', 'label_dim', 'ambient', 'sigma_min', 'sigma_max', 'hidden_precond',
-                     'discrete_sigmas'):
-            if hasattr(net, name):
-                setattr(self, name, getattr(net, name))
-        self.train(getattr(net, 'training', False))
-
-    def round_sigma(self, sigma):
-        return _round_sigma(self.net)(sigma)
+        self.cfg_scale = float(cfg_scale)
 
     def forward(self, x, sigma, class_labels=None):
         if class_labels is None:

@@ -25,7 +25,7 @@ from torch_utils import misc
 from torch_utils import training_stats
 from torch_utils.images import save_image_grid
 from torch_utils.misc import seed_hash, seeded_generator
-from training import snapshots
+from training import samplers, snapshots
 from training.sigma_first import SigmaFirstSampler
 
 
@@ -142,7 +142,8 @@ def training_loop(
 
     # Where the run starts: from scratch, from a transferred network, or from a training state.
     run = dnnlib.EasyDict(cur_nimg=0, cur_tick=0, start_position=0, consumed=0, sampler=None, rng=None, seed=seed,
-        rank=rank, world_size=world_size, device=device, ambient=bool(config['network_kwargs'].get('ambient', False)))
+        rank=rank, world_size=world_size, device=device, ambient=bool(config['network_kwargs'].get('ambient', False)),
+        sr_factor=config['network_kwargs'].get('sr_factor'))
     if transfer is not None:
         _transfer_weights(transfer, net, ema)
         config['transferred'] = True  # recorded, so that a resume keeps the EMA ramp-up off too
@@ -279,10 +280,14 @@ def _build_network(network_kwargs, dataset_obj, batch_gpu, device):
     net = snapshots.build_network(network_kwargs).train().requires_grad_(True).to(device)
     if dist.get_rank() == 0:
         R = dataset_obj.resolution
+        shown = net
+        if network_kwargs.get('sr_factor'):  # the summary's call needs the low-resolution condition too
+            C = dataset_obj.num_channels
+            shown = samplers.LowResConditioned(net, torch.zeros([batch_gpu, C, R, R], device=device))
         with torch.no_grad():
-            misc.print_module_summary(net, [torch.zeros([batch_gpu, channels, R, R], device=device),
+            misc.print_module_summary(shown, [torch.zeros([batch_gpu, channels, R, R], device=device),
                 torch.ones([batch_gpu], device=device), torch.zeros([batch_gpu, net.label_dim], device=device)],
-                max_nesting=2)
+                max_nesting=3 if shown is not net else 2)
     return net, network_kwargs
 
 
@@ -356,11 +361,12 @@ def _accumulate_gradients(ddp, loss_fn, batches, run, rounds, loss_scale, augmen
             batch = next(batches)
             positions = rank_positions(run.start_position, run.consumed, len(batch[0]), run.rank, run.world_size)
             run.consumed += len(batch[0])
-            loss = batch_loss(ddp, loss_fn, batch, positions, run.seed, run.device, run.ambient, augment_pipe)
+            loss = batch_loss(ddp, loss_fn, batch, positions, run.seed, run.device, run.ambient, augment_pipe,
+                              run.sr_factor)
             loss.sum().mul(loss_scale).backward()
 
 
-def batch_loss(net, loss_fn, batch, positions, seed, device, ambient, augment_pipe):
+def batch_loss(net, loss_fn, batch, positions, seed, device, ambient, augment_pipe, sr_factor=None):
     """Per-pixel loss of one round's batch (observation, labels, mask, hat_mask); reports the diagnostics.
 
     σ and the noise of each example come from a generator keyed by (seed, its sampler position), its
@@ -375,14 +381,16 @@ def batch_loss(net, loss_fn, batch, positions, seed, device, ambient, augment_pi
         loss, diagnostics = loss_fn(net=net, images=observation, noise_info=noise_info.to(device),
             fixed_noise=fixed_noise.to(device), labels=labels, augment_pipe=augment_pipe, generator=generators,
             augment_generator=augment_generator, clean=clean[0].to(device) if clean else None)
-    elif ambient:
-        clean = rest
-        loss, diagnostics = loss_fn(net=net, observation=observation, mask=mask, hat_mask=hat_mask, labels=labels,
-            augment_pipe=augment_pipe, generator=generators, augment_generator=augment_generator,
-            clean=clean[0].to(device) if clean else None)
     else:
-        loss, diagnostics = loss_fn(net=net, images=observation, labels=labels, augment_pipe=augment_pipe,
-            generator=generators, augment_generator=augment_generator)
+        condition = rest.pop(0).to(device) if sr_factor else None  # the dataset's SR3 condition precedes `clean`
+        extra = {} if condition is None else dict(condition=condition)
+        if ambient:
+            loss, diagnostics = loss_fn(net=net, observation=observation, mask=mask, hat_mask=hat_mask, labels=labels,
+                augment_pipe=augment_pipe, generator=generators, augment_generator=augment_generator,
+                clean=rest[0].to(device) if rest else None, **extra)
+        else:
+            loss, diagnostics = loss_fn(net=net, images=observation, labels=labels, augment_pipe=augment_pipe,
+                generator=generators, augment_generator=augment_generator, **extra)
     for name, value in diagnostics.items():
         training_stats.report(f'Loss/{name}', value)
     return loss
