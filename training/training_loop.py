@@ -141,9 +141,8 @@ def training_loop(
     ema = copy.deepcopy(net).eval().requires_grad_(False)
 
     # Where the run starts: from scratch, from a transferred network, or from a training state.
-    run = dnnlib.EasyDict(cur_nimg=0, cur_tick=0, start_position=0, consumed=0, sampler=None, rng=None, seed=seed,
-        rank=rank, world_size=world_size, device=device, ambient=bool(config['network_kwargs'].get('ambient', False)),
-        sr_factor=config['network_kwargs'].get('sr_factor'))
+    run = dnnlib.EasyDict(cur_nimg=0, cur_tick=0, start_position=0, consumed=0, sampler=None, rng=None, seed=seed, rank=rank,
+        world_size=world_size, device=device, **{k: config['network_kwargs'].get(k) for k in ('ambient', 'sr_factor')})
     if transfer is not None:
         _transfer_weights(transfer, net, ema)
         config['transferred'] = True  # recorded, so that a resume keeps the EMA ramp-up off too
