@@ -25,20 +25,18 @@ copies the table and figure there. Every step skips what is on disk.
 import io
 import json
 import os
-import shutil
 import sys
 import time
 import zipfile
 
 import click
-import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
-from bench_science import split_dataset  # noqa: E402
+from bench_science import digits_split, draw_sample_rows, publish  # noqa: E402
 from dnnlib.util import atomic_write  # noqa: E402
 from training import digit_score  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
@@ -108,18 +106,11 @@ def draw(results, rows, dest):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from torch_utils.images import make_grid
-
     n = len(rows)
     fig = Figure(figsize=(16, 0.75 * n + 1.2), dpi=110)
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(n, 4, width_ratios=[2.4, 1, 1, 1], left=0.17, right=0.98, top=0.92, bottom=0.12, wspace=0.5)
-    for i, (name, images) in enumerate(rows):
-        ax = fig.add_subplot(gs[i, 0])
-        grid = make_grid(images[:16], grid_w=16, pad=1)
-        ax.imshow(grid[:, :, 0], cmap='gray', vmin=0, vmax=255, interpolation='nearest')
-        ax.set_axis_off()
-        ax.text(-0.01, 0.5, name, transform=ax.transAxes, ha='right', va='center', fontsize=7)
+    draw_sample_rows(fig, gs, rows, fontsize=7)
     names = [r['name'] for r in results][::-1]
     colors = [('C1' if r['name'].startswith('ambient_noisy') else 'C0') for r in results][::-1]
     for col, (key, label, log) in enumerate([('fd', 'classifier-feature FD', True), ('fd_pixel', 'pixel FD', True),
@@ -147,13 +138,8 @@ def main(outdir, settings, kimg, samples, num_test, docs, memorization_kimg):
     settings = parse_settings(settings)
     start = time.time()
     os.makedirs(outdir, exist_ok=True)
-    full, train_zip, test_zip = (os.path.join(outdir, f'digits-{x}.zip') for x in ('all', 'train', 'test'))
-    demo.build_dataset(full)
-    split_dataset(full, train_zip, test_zip, num_test)
-    train_images, train_labels = demo.load_clean(train_zip)
-    test_images, test_labels = demo.load_clean(test_zip)
-    classifier = digit_score.load_or_train_classifier(os.path.join(outdir, 'digit-classifier.pt'), train_images, train_labels)
-    print(f'Digit classifier: {digit_score.accuracy(classifier, test_images, test_labels):.1%} accuracy on the test split')
+    d = digits_split(outdir, num_test)
+    train_zip, train_images, test_images, classifier = d.train_zip, d.train_images, d.test_images, d.classifier
     threshold = float(torch.quantile(nearest_distance(test_images, train_images), 0.05))
 
     models = [('all-clean', CLEAN, None)]
@@ -195,11 +181,7 @@ def main(outdir, settings, kimg, samples, num_test, docs, memorization_kimg):
     with atomic_write(os.path.join(outdir, 'noisy.md'), 'w') as f:
         f.write(text + '\n')
     draw(results, rows, os.path.join(outdir, 'noisy.png'))
-    if docs:
-        os.makedirs(docs, exist_ok=True)
-        for name in ('noisy.md', 'noisy.png'):
-            shutil.copyfile(os.path.join(outdir, name), os.path.join(docs, name))
-    print(f'\n{os.path.join(outdir, "noisy.png")}; {time.time() - start:.0f} s in all')
+    publish(outdir, ('noisy.md', 'noisy.png'), docs, start)
 
 
 if __name__ == '__main__':

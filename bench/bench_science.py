@@ -37,6 +37,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import demo  # noqa: E402
+import dnnlib  # noqa: E402
 from dnnlib.util import atomic_write  # noqa: E402
 from training import digit_score  # noqa: E402
 
@@ -65,6 +66,29 @@ def split_dataset(full, train_path, test_path, num_test, seed=0):
                 out.writestr('dataset.json', json.dumps(dict(labels=entries)))
             with atomic_write(path, 'wb') as f:
                 f.write(buffer.getvalue())
+
+
+def digits_split(outdir, num_test):
+    """The built-in digits split into training and held-out test zips under `outdir`, their clean images and labels,
+    and the digit classifier trained on the training split (cached). Shared by the benches on digits."""
+    full, train_zip, test_zip = (os.path.join(outdir, f'digits-{x}.zip') for x in ('all', 'train', 'test'))
+    demo.build_dataset(full)
+    split_dataset(full, train_zip, test_zip, num_test)
+    train_images, train_labels = demo.load_clean(train_zip)
+    test_images, test_labels = demo.load_clean(test_zip)
+    classifier = digit_score.load_or_train_classifier(os.path.join(outdir, 'digit-classifier.pt'), train_images, train_labels)
+    print(f'Digit classifier: {digit_score.accuracy(classifier, test_images, test_labels):.1%} accuracy on the test split')
+    return dnnlib.EasyDict(train_zip=train_zip, test_zip=test_zip, train_images=train_images, train_labels=train_labels,
+                           test_images=test_images, test_labels=test_labels, classifier=classifier)
+
+
+def publish(outdir, names, docs, start):
+    """Copy the bench's table and figure to `docs` (if given); print where the figure is and the total time."""
+    if docs:
+        os.makedirs(docs, exist_ok=True)
+        for name in names:
+            shutil.copyfile(os.path.join(outdir, name), os.path.join(docs, name))
+    print(f'\n{os.path.join(outdir, names[-1])}; {time.time() - start:.0f} s in all')
 
 
 def hidden_error(row):
@@ -96,22 +120,26 @@ def table(results, mean_mse):
     return '\n'.join(lines)
 
 
-def draw(results, rows, mean_mse, dest):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+def draw_sample_rows(fig, gs, rows, fontsize=8):
+    """Rows of 16 samples (name, uint8 images) in the first column of the grid spec `gs`, names on the left."""
     from torch_utils.images import make_grid
-
-    n = len(rows)
-    fig = Figure(figsize=(15, 0.75 * n + 1.2), dpi=110)
-    FigureCanvasAgg(fig)
-    gs = fig.add_gridspec(n, 3, width_ratios=[2.4, 1, 1], left=0.15, right=0.98, top=0.9, bottom=0.12, wspace=0.45)
     for i, (name, images) in enumerate(rows):
         ax = fig.add_subplot(gs[i, 0])
         grid = make_grid(images[:16], grid_w=16, pad=1)
         ax.imshow(grid[:, :, 0], cmap='gray', vmin=0, vmax=255, interpolation='nearest')
         ax.set_axis_off()
-        ax.text(-0.01, 0.5, name, transform=ax.transAxes, ha='right', va='center', fontsize=8)
+        ax.text(-0.01, 0.5, name, transform=ax.transAxes, ha='right', va='center', fontsize=fontsize)
+
+
+def draw(results, rows, mean_mse, dest):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(rows)
+    fig = Figure(figsize=(15, 0.75 * n + 1.2), dpi=110)
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(n, 3, width_ratios=[2.4, 1, 1], left=0.15, right=0.98, top=0.9, bottom=0.12, wspace=0.45)
+    draw_sample_rows(fig, gs, rows, fontsize=8)
     ax = fig.add_subplot(gs[:, 1])
     names = [r['name'] for r in results]
     ax.barh(names[::-1], [r['fd'] for r in results][::-1], color='C0')
@@ -147,13 +175,8 @@ def main(outdir, models, kimg, samples, num_test, docs):
         raise click.ClickException(f'--models: unknown {", ".join(unknown)}; choose from {", ".join(MODELS)}')
     start = time.time()
     os.makedirs(outdir, exist_ok=True)
-    full, train_zip, test_zip = (os.path.join(outdir, f'digits-{x}.zip') for x in ('all', 'train', 'test'))
-    demo.build_dataset(full)
-    split_dataset(full, train_zip, test_zip, num_test)
-    train_images, train_labels = demo.load_clean(train_zip)
-    test_images, test_labels = demo.load_clean(test_zip)
-    classifier = digit_score.load_or_train_classifier(os.path.join(outdir, 'digit-classifier.pt'), train_images, train_labels)
-    print(f'Digit classifier: {digit_score.accuracy(classifier, test_images, test_labels):.1%} accuracy on the test split')
+    d = digits_split(outdir, num_test)
+    train_zip, test_zip, train_images, test_images, classifier = d.train_zip, d.test_zip, d.train_images, d.test_images, d.classifier
     mean_mse = float((digit_score.to_float(test_images) - digit_score.to_float(train_images).mean(0)).square().mean())
 
     real_idx = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:samples]
@@ -172,11 +195,7 @@ def main(outdir, models, kimg, samples, num_test, docs):
     with atomic_write(os.path.join(outdir, 'science.md'), 'w') as f:
         f.write(text + '\n')
     draw(results, rows, mean_mse, os.path.join(outdir, 'science.png'))
-    if docs:
-        os.makedirs(docs, exist_ok=True)
-        for name in ('science.md', 'science.png'):
-            shutil.copyfile(os.path.join(outdir, name), os.path.join(docs, name))
-    print(f'\n{os.path.join(outdir, "science.png")}; {time.time() - start:.0f} s in all')
+    publish(outdir, ('science.md', 'science.png'), docs, start)
 
 
 if __name__ == '__main__':

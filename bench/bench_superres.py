@@ -20,7 +20,6 @@ Writes superres.md (the table) and superres.png (rows: low resolution, bicubic, 
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
-from bench_science import split_dataset  # noqa: E402
+from bench_science import digits_split, publish  # noqa: E402
 from dnnlib.util import atomic_write  # noqa: E402
 from training import digit_score  # noqa: E402
 
@@ -74,12 +73,8 @@ def main(outdir, factor, kimg, num_test, steps, docs):
     """Train, super-resolve, score; print and draw the comparison."""
     start = time.time()
     os.makedirs(outdir, exist_ok=True)
-    full, train_zip, test_zip = (os.path.join(outdir, f'digits-{x}.zip') for x in ('all', 'train', 'test'))
-    demo.build_dataset(full)
-    split_dataset(full, train_zip, test_zip, num_test)
-    train_images, train_labels = demo.load_clean(train_zip)
-    test_images, _ = demo.load_clean(test_zip)
-    classifier = digit_score.load_or_train_classifier(os.path.join(outdir, 'digit-classifier.pt'), train_images, train_labels)
+    d = digits_split(outdir, num_test)
+    train_zip, test_zip, test_images, classifier = d.train_zip, d.test_zip, d.test_images, d.classifier
     seeds = list(range(num_test))
     snapshots = {name: demo.train_model(train_zip, os.path.join(outdir, name), args, kimg)
                  for name, args in models(factor).items()}
@@ -113,11 +108,7 @@ def main(outdir, factor, kimg, num_test, steps, docs):
                     ('SR3', pictures['sr3']), ('SR3, ambient', pictures['sr3-ambient']),
                     ('DPS (unconditional)', pictures['DPS (unconditional)']), ('truth', test_images)]
     demo.draw_summary(picture_rows, os.path.join(outdir, 'superres.png'))
-    if docs:
-        os.makedirs(docs, exist_ok=True)
-        for name in ('superres.md', 'superres.png'):
-            shutil.copyfile(os.path.join(outdir, name), os.path.join(docs, name))
-    print(f'\n{os.path.join(outdir, "superres.png")}; {time.time() - start:.0f} s in all')
+    publish(outdir, ('superres.md', 'superres.png'), docs, start)
 
 
 if __name__ == '__main__':

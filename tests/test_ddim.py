@@ -18,7 +18,7 @@ import dnnlib
 import eval as eval_cli
 import train
 from conftest import random_images, write_edm_dataset
-from test_eval import TINY, invoke
+from test_eval import TINY, invoke, run_dir  # noqa: F401 (run_dir: the tiny unconditional run fixture)
 from test_samplers import GaussianNet, Recorder, SmoothNet, _Net, _sigma, tiny_songunet
 from torch_utils.ambient_diffusion import MaskCorruption
 from torch_utils.images import to_uint8
@@ -364,14 +364,6 @@ def randomize(net, seed=0):
 
 
 @pytest.fixture(scope='module')
-def uncond_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp('uncond')
-    data = write_edm_dataset(root / 'data.zip', random_images(8, channels=3, resolution=16, seed=4))
-    invoke(train.main, ['--outdir', root / 'run', '--data', data, '--corruption_probability=0.5', *TINY])
-    return root / 'run'
-
-
-@pytest.fixture(scope='module')
 def cond_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('cond')
     data = write_edm_dataset(root / 'data.zip', random_images(8, channels=3, resolution=16, seed=4),
@@ -388,14 +380,14 @@ def read_png(path):
     return np.array(PIL.Image.open(path))
 
 
-def test_generate_with_ddim_and_ddpm(uncond_run, tmp_path):
-    common = ['generate', '--network', uncond_run, '--latest', '--seeds=0-2', '--steps=3']
+def test_generate_with_ddim_and_ddpm(run_dir, tmp_path):
+    common = ['generate', '--network', run_dir, '--latest', '--seeds=0-2', '--steps=3']
     for name, options in [('ddim', ['--solver=ddim', '--eta=0.5']), ('ddpm', ['--solver=ddpm', '--ddpm_variance=beta']),
                           ('ddpm_tilde', ['--solver=ddpm'])]:
         invoke(eval_cli.cli, common + ['--outdir', tmp_path / name, *options])
         assert len(pngs(tmp_path / name / '000000.008')) == 3
     # The options reach the sampler: the images are generate_batch's for these options.
-    net, info = snapshots.load_network(sorted(glob.glob(str(uncond_run / 'network-snapshot-*.pt')))[-1])
+    net, info = snapshots.load_network(sorted(glob.glob(str(run_dir / 'network-snapshot-*.pt')))[-1])
     corruption = cli.sampling_corruption(info, dnnlib.EasyDict(corruption_pattern=None, corruption_probability=None,
                                                                delta_probability=None, mask_full_rgb=None))
     for name, options in [('ddim', dict(solver='ddim', eta=0.5)), ('ddpm', dict(solver='ddpm', variance='beta'))]:
@@ -418,8 +410,8 @@ def test_generate_with_ddim_and_ddpm(uncond_run, tmp_path):
     (['--cfg_scale=2'], ['class-conditional']),
     (['--class_grid=2', '--class=1'], ['--class_grid', '--class']),
     (['--class_grid=2'], ['--class_grid', 'unconditional'])])
-def test_generate_refuses(uncond_run, tmp_path, options, words):
-    result = invoke(eval_cli.cli, ['generate', '--network', uncond_run, '--latest', '--outdir', tmp_path / 'out',
+def test_generate_refuses(run_dir, tmp_path, options, words):
+    result = invoke(eval_cli.cli, ['generate', '--network', run_dir, '--latest', '--outdir', tmp_path / 'out',
                                    '--seeds=0-1', '--steps=2', *options], expect_ok=False)
     error_line(result, *words)
     assert not pngs(tmp_path / 'out' / '000000.008')   # refused before generating anything
