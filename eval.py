@@ -109,10 +109,10 @@ def _process_snapshot(path, opts, detector_cache, given=()):
     outdir = os.path.join(opts.outdir, tag)
     sampler_kwargs = dict(num_steps=opts.steps, sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, rho=opts.rho,
         S_churn=opts.S_churn, S_min=opts.S_min, S_max=opts.S_max, S_noise=opts.S_noise, solver=opts.solver,
-        eta=opts.eta, variance=opts.ddpm_variance)
-    if opts.cfg_scale is not None:
+        eta=opts.get('eta', 0.0), variance=opts.get('ddpm_variance', 'beta_tilde'))
+    if opts.get('cfg_scale') is not None:
         net = samplers.ClassifierFreeGuidance(net, opts.cfg_scale)
-    if opts.class_grid and not info.label_dim:  # before generating anything
+    if opts.get('class_grid') and not info.label_dim:  # before generating anything
         raise click.UsageError(f'--class_grid draws one row per class; {path} is unconditional')
     if info.ambient:
         sampler_kwargs.update(guidance_scale=opts.guidance_scale, clipping=opts.clipping, guidance_units=opts.guidance_units)
@@ -120,11 +120,11 @@ def _process_snapshot(path, opts, detector_cache, given=()):
     claim_output_dir(outdir, dict(network_sha256=file_digest(path), sampler=sampler_kwargs,
         corruption=corruption.to_dict() if corruption is not None else None, num_masks=opts.num_masks,
         resample_guidance_masks=opts.resample_guidance_masks, class_idx=opts.class_idx, subdirs=opts.subdirs,
-        cfg_scale=opts.cfg_scale))
+        cfg_scale=opts.get('cfg_scale')))
     generate_images(net, info, opts.seeds, outdir, batch=opts.batch, subdirs=opts.subdirs, class_idx=opts.class_idx,
         corruption=corruption, sampler_kwargs=sampler_kwargs, num_masks=opts.num_masks,
         resample_guidance_masks=opts.resample_guidance_masks, grid_path=os.path.join(opts.outdir, f'grid-{tag}.png'))
-    if opts.class_grid:
+    if opts.get('class_grid'):
         save_class_grid(net, info, opts.seeds[:opts.class_grid], os.path.join(opts.outdir, f'class-grid-{tag}.png'),
                         corruption, sampler_kwargs, opts.num_masks, opts.resample_guidance_masks, opts.batch)
     if opts.ref is not None:
@@ -304,7 +304,7 @@ def _superres_images(net, dataset, factor, seeds, outdir, batch, sampler_kwargs)
         with open(os.path.join(outdir, 'metrics.jsonl'), encoding='utf-8') as f:
             done = {row['seed']: row for row in map(json.loads, f)}
         scored = [done[s] for s in seeds if s in done]
-        mean = lambda key: float(np.mean([r[key] for r in scored]))  # noqa: E731
+        mean = lambda key: (metrics.mean_psnr if 'psnr' in key else np.mean)([r[key] for r in scored])  # noqa: E731
         click.echo(f'\n{len(scored)} images: SR3 PSNR {mean("psnr"):.2f} dB, SSIM {mean("ssim"):.4f}; bicubic PSNR '
                    f'{mean("bicubic_psnr"):.2f} dB, SSIM {mean("bicubic_ssim"):.4f}')
 

@@ -169,7 +169,8 @@ def summarize(outdir, seeds):
                 rows[row['seed']] = row
     rows = [rows[s] for s in seeds if s in rows]
     keys = ('psnr', 'ssim', 'baseline_psnr', 'baseline_ssim', 'seconds')
-    summary = {k: float(np.mean([r[k] for r in rows])) if rows else float('nan') for k in keys}
+    average = lambda k: metrics.mean_psnr([r[k] for r in rows]) if 'psnr' in k else float(np.mean([r[k] for r in rows]))  # noqa: E731
+    summary = {k: average(k) if rows else float('nan') for k in keys}
     summary['num_images'] = len(rows)
     return summary
 

@@ -192,7 +192,9 @@ def _check_superres(opts):
 
 def _ddpm_schedule(opts):
     """The discrete schedule of the DDPM preconditioner and loss (the same for both); refused for other preconds."""
-    given = {name: opts.get(name) for name in DDPM_DEFAULTS if opts.get(name) is not None}
+    values = dict(beta_schedule=opts.get('beta_schedule'), beta_start=opts.get('beta_start'),
+                  beta_end=opts.get('beta_end'), T=opts.get('T'))
+    given = {name: value for name, value in values.items() if value is not None}
     if opts.precond not in DDPM_PRECONDS:
         if given:
             raise ConfigError(f'--{next(iter(given))} sets the discrete DDPM schedule; use --precond=ddpm or ambient_ddpm')

@@ -20,8 +20,11 @@ import sys
 import time
 
 import click
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from training.metrics import mean_psnr  # noqa: E402
 
 # (folder, name, solve_inverse_problems.py options), for 16x16 grayscale digits.
 OPERATORS = [
@@ -47,7 +50,7 @@ def _summary(outdir):
             row = json.loads(line)
             rows[row['seed']] = row
     rows = list(rows.values())
-    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    mean = lambda key: (mean_psnr if 'psnr' in key else np.mean)([r[key] for r in rows])  # noqa: E731
     return dict(psnr=mean('psnr'), ssim=mean('ssim'), baseline_psnr=mean('baseline_psnr'),
                 baseline_ssim=mean('baseline_ssim'), seconds=mean('seconds'), num_images=len(rows))
 

@@ -94,17 +94,16 @@ def memorization(samples, train_images, threshold):
 
 
 def table(results):
-    lines = ['| model | FD (classifier) | FD (pixels) | memorized | classes | train |',
-             '|---|---|---|---|---|---|']
+    lines = ['| model | FD (classifier) | FD (pixels) | memorized | classes |', '|---|---|---|---|---|']
     for r in results:
-        lines.append(f'| {r["name"]} | {r["fd"]:.2f} | {r["fd_pixel"]:.2f} | {r["memorized"]:.1%} | {r["classes"]}/10 | '
-                     f'{r["train_s"] / 60:.1f} min |')
+        lines.append(f'| {r["name"]} | {r["fd"]:.2f} | {r["fd_pixel"]:.2f} | {r["memorized"]:.1%} | {r["classes"]}/10 |')
     return '\n'.join(lines)
 
 
 def draw(results, rows, dest):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     n = len(rows)
     fig = Figure(figsize=(16, 0.75 * n + 1.2), dpi=110)
@@ -119,8 +118,10 @@ def draw(results, rows, dest):
         ax.barh(names, [r[key] for r in results][::-1], color=colors)
         if log:
             ax.set_xscale('log')
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(-0.5, len(names) - 0.5)  # one bar per sample row, in the rows' order
         ax.set_xlabel(f'{label} (lower is better)', fontsize=8)
-        ax.tick_params(axis='y', labelsize=6 if col == 1 else 0, labelleft=col == 1)
+        ax.tick_params(axis='y', left=False, labelleft=False)
     with atomic_write(dest, 'wb') as f:
         fig.savefig(f, format='png')
 

@@ -36,6 +36,7 @@ import demo  # noqa: E402
 from bench_science import digits_split, publish  # noqa: E402
 from dnnlib.util import atomic_write  # noqa: E402
 from training import digit_score  # noqa: E402
+from training.metrics import mean_psnr  # noqa: E402
 
 
 def models(factor):
@@ -59,7 +60,7 @@ def scores(folder, seeds, keys):
     """Mean PSNR / SSIM of `keys` from the metrics.jsonl in folder (the last row of each seed)."""
     with open(os.path.join(folder, 'metrics.jsonl'), encoding='utf-8') as f:
         rows = {row['seed']: row for row in map(json.loads, f)}
-    return [float(np.mean([rows[s][k] for s in seeds])) for k in keys]
+    return [(mean_psnr if 'psnr' in k else np.mean)([rows[s][k] for s in seeds]) for k in keys]
 
 
 @click.command()

@@ -142,6 +142,7 @@ def test_trajectories_do_not_depend_on_the_batch_and_global_rng_is_untouched():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.slow
 def test_classifier_separates_blurred_digits_at_low_sigma_only(digits):
     _, images, _ = digits
     clean, blurred = images[:100], an.quantize(an.corrupt_images(an.as_float(images[100:]), 'blur', 1.5, list(range(100))))
@@ -221,6 +222,7 @@ def test_fixed_sigma_and_known_noise_end_to_end(digits, tmp_path):
     assert report['kind'] == 'noisy' and report['corruption']['clipped_fraction'] > 0  # digits' black background clips
 
 
+@pytest.mark.slow
 def test_classifier_path_end_to_end(digits, tmp_path):
     _, images, labels = digits
     hwc = images.permute(0, 2, 3, 1).numpy()

@@ -170,6 +170,7 @@ def test_gaussian_chain_moments_converge_to_the_data():
         assert abs(mean - mu) < mu * s / 80 + 1e-4, (name, mean)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(SOLVER_CASES))
 def test_solvers_sample_the_exact_gaussian_chain(name):
     mu, s, n_samples = 0.3, 0.5, 4096
@@ -260,6 +261,7 @@ def test_last_step_returns_D_without_noise(eta, variance):
 # 5. Per-seed randomness: a sample does not depend on its batch.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('ambient, options', [
     (False, dict(solver='ddim', eta=0.5)), (False, dict(solver='ddpm')),
     (True, dict(solver='ddim', eta=0.5)), (True, dict(solver='ddpm', variance='beta'))],
@@ -301,6 +303,7 @@ def test_cfg_is_the_linear_combination_in_one_call():
                                2 * net(x, 1.5, labels) - net(x, 1.5, zeros), rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_cfg_on_a_songunet_and_through_the_samplers():
     net = tiny_songunet(ambient=False, label_dim=3)
     g = torch.Generator().manual_seed(5)
@@ -380,6 +383,7 @@ def read_png(path):
     return np.array(PIL.Image.open(path))
 
 
+@pytest.mark.slow
 def test_generate_with_ddim_and_ddpm(run_dir, tmp_path):
     common = ['generate', '--network', run_dir, '--latest', '--seeds=0-2', '--steps=3']
     for name, options in [('ddim', ['--solver=ddim', '--eta=0.5']), ('ddpm', ['--solver=ddpm', '--ddpm_variance=beta']),
@@ -417,6 +421,7 @@ def test_generate_refuses(run_dir, tmp_path, options, words):
     assert not pngs(tmp_path / 'out' / '000000.008')   # refused before generating anything
 
 
+@pytest.mark.slow
 def test_cfg_class_grid_on_a_conditional_run(cond_run, tmp_path, monkeypatch):
     load_network = snapshots.load_network
 
@@ -464,6 +469,7 @@ def test_train_refuses_label_dropout_without_labels(tmp_path):
 # 8. train.py --label_dropout drops labels in training mode.
 
 
+@pytest.mark.slow
 def test_label_dropout_drops_labels_in_training_mode(cond_run):
     net, info = snapshots.load_network(sorted(glob.glob(str(cond_run / 'network-snapshot-*.pt')))[-1])
     assert info.network_kwargs['label_dropout'] == 0.2 and net.model.label_dropout == 0.2

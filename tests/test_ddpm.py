@@ -96,6 +96,7 @@ def test_train_config_and_errors():
             train.build_config(train_options(['--outdir=unused', '--data=unused', *args]))
 
 
+@pytest.mark.slow
 def test_ddpm_training_and_sampling_end_to_end(tmp_path):
     import eval as eval_cli
     data = write_edm_dataset(tmp_path / 'data.zip', random_images(8, channels=1, resolution=8, seed=0))

@@ -159,6 +159,7 @@ def test_preprocessing_matches_the_image_processor(models):
     assert (no_proc.mean, no_proc.std, no_proc.mean_std_from) == (list(fdn.IMAGENET_MEAN), list(fdn.IMAGENET_STD), 'imagenet')
 
 
+@pytest.mark.slow
 def test_cache_is_reused_and_recomputed_when_stale(models, tmp_path, monkeypatch):
     data, images = make_data(tmp_path)
     calls = []

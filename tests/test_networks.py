@@ -118,6 +118,7 @@ def test_gated_conv_equals_two_convolutions(gate, case):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('gate', ['sigmoid', 'double_sigmoid'])
 @pytest.mark.parametrize('case', [dict(kernel=3), dict(kernel=3, bias=False), dict(kernel=3, up=True),
                                   dict(kernel=3, down=True, fused_resample=True)],

@@ -312,6 +312,7 @@ def test_synthetic_noise_makes_the_noisy_share(data_zip, images, clean_fraction,
         assert (noise[noisy] + clean[noisy]).abs().max() > 1
 
 
+@pytest.mark.slow
 def test_synthetic_noise_is_fixed_per_image(data_zip):
     """The same noise on every read, in DataLoader workers and in a fresh Dataset object; it is part of the dataset
     (keyed by corruption_seed, not by the training seed hat_seed)."""
@@ -430,6 +431,7 @@ def test_two_ranks_interleave_to_the_one_rank_stream():
     assert all(position % 2 == r for r in range(2) for _, position, _ in ranks[r])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('walked,saved', [(1100, 1100), (1100, 1150), (1100, 1090), (1100, 1000), (300, 2100)])
 def test_sampler_state_continues_identically(walked, saved):
     """state_dict(position) at the walk's position, ahead of it, behind it (and behind the last remembered state),

@@ -58,6 +58,7 @@ def test_resume_keeps_its_seed(tmp_path, data):
     assert result.exit_code != 0 and "differs from the run's seed 3" in result.output
 
 
+@pytest.mark.slow
 def test_transfer_from_the_originals_pickle(tmp_path, data):
     """An original .pkl (dict with the EMA state dict under DDP/compile prefixes) initialises a new run's weights,
     read by the restricted unpickler."""
@@ -435,6 +436,7 @@ def test_dps_in_the_originals_units_takes_the_originals_steps():
     torch.testing.assert_close(ours, x, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_every_option_of_every_command_is_read():
     """No option is parsed and ignored: each command's options are read by its module or training/cli.py (as
     opts.<name>, opts['<name>'], opts.get('<name>'), or a parameter of the command function), outside the
@@ -487,6 +489,7 @@ def test_the_originals_eval_refuses_skipping_everything(tmp_path):
     assert result.exit_code != 0 and 'nothing to do' in result.output and 'Traceback' not in result.output
 
 
+@pytest.mark.slow
 def test_a_resumed_transfer_keeps_the_ema_ramp_up_off(tmp_path, data):
     run = tmp_path / 'a'
     assert invoke(['--outdir', run, '--data', data, *TINY]).exit_code == 0

@@ -120,6 +120,7 @@ def test_superres_batch_is_per_seed_and_checks_its_input():
         samplers.LowResConditioned(_net(sr_factor=None), lowres)
 
 
+@pytest.mark.slow
 def test_train_and_superres_end_to_end(tmp_path):
     images = random_images(8, channels=1, resolution=16, seed=2)
     data = write_edm_dataset(tmp_path / 'hr.zip', images)

@@ -51,6 +51,7 @@ def only_run_dir(outdir):
     return dirs[0]
 
 
+@pytest.mark.slow
 def test_dry_run_prints_config_and_writes_nothing(tmp_path, data):
     out = tmp_path / 'runs'
     result = run(['--outdir', out, '--data', data, '--dry-run', *TINY])
@@ -91,6 +92,7 @@ def test_hidden_precond_original(tmp_path, data):
     assert result.output.count('"hidden_precond": "original"') == 2  # network and loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('precond', ['ambient', 'ambient_vp', 'edm', 'vp', 've'])
 def test_every_precond_trains(tmp_path, data, precond):
     extra = ['--delta_probability=0'] if precond not in ('ambient', 'ambient_vp') else []
@@ -101,6 +103,7 @@ def test_every_precond_trains(tmp_path, data, precond):
     assert net(torch.zeros(1, channels, 16, 16), torch.ones(1)).shape == (1, 3, 16, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch,extra', [('ddpmpp', []), ('ncsnpp', []), ('adm', ['--cbase=64', '--attn=8'])])
 def test_every_arch_trains(tmp_path, data, arch, extra):
     run(['--outdir', tmp_path, '--data', data, steps(1), '--arch', arch, *TINY, *extra, '--cond=True'])
@@ -253,6 +256,7 @@ def _one_step_weights(tmp_path, data, batch_gpu, lr, augment=0.0):
     return torch.load(states[0], weights_only=True)['net']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('augment', [0.0, 0.9])
 def test_accumulation_rounds_give_the_same_step(tmp_path, data, augment):
     """--batch-gpu only splits the batch: 1 round x 8 and 4 rounds x 2 give the same gradient step, also with

@@ -16,6 +16,7 @@ IS split statistics) cross processes, so ranks may hold different numbers of ima
 """
 
 import io
+import math
 import os
 import warnings
 import zipfile
@@ -495,3 +496,12 @@ def ssim(x, y, window_size=11, window_std=1.5, K1=0.01, K2=0.03):
 def as_saved_unit(images):
     """[N, C, H, W] in [−1, 1] -> the images as saved (uint8) in float64 [0, 1], so scores match the PNGs."""
     return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).double() / 255
+
+
+PSNR_CAP = 20 * math.log10(255)  # 48.13 dB: the PSNR of 8-bit images one level apart at every pixel
+
+
+def mean_psnr(values):
+    """Mean of per-image PSNRs with each capped at PSNR_CAP: an image reproduced exactly (MSE 0 after 8-bit
+    saving, PSNR inf) counts as 48.13 dB instead of making the mean infinite."""
+    return float(np.mean(np.minimum(np.asarray(values, dtype=np.float64), PSNR_CAP)))
