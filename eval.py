@@ -33,7 +33,7 @@ from torch_utils.ambient_diffusion import downsample, upsample_bicubic
 from training import inverse, metrics, samplers, snapshots
 from training.dataset import ImageFolderDataset
 from training.cli import (SIGMA_RANGE, check_output_dir, check_output_file, check_subset_seed, claim_output_dir,
-                          command_body, detector_options, file_digest, given_options, guidance_rules, image_path,
+                          command_body, detector_options, discrete_grid_rules, file_digest, given_options, guidance_rules, image_path,
                           load_detector, network_options, refuse_ignored, sampler_options, sampling_corruption,
                           sampling_mask_options, score_images, score_options, sigma_range_check)
 from training.snapshots import kimg_tag
@@ -100,9 +100,7 @@ def _process_snapshot(path, opts, detector_cache, given=()):
     refuse_ignored(given, [(name, not info.ambient and opts[name] != default, f'{path} is a clean network; it applies '
                             'to ambient ones') for name, default in (('guidance_scale', 0), ('guidance_units', 'ours'),
                            ('clipping', 'static'), ('resample_guidance_masks', False))])
-    discrete_grid = hasattr(net, 'discrete_sigmas') and opts.solver in ('ddim', 'ddpm')
-    refuse_ignored(given, [(name, discrete_grid, f'--solver={opts.solver} steps through {path}\'s own discrete levels '
-                            '(DDIM\'s skipped grid of --steps)') for name in ('sigma_min', 'sigma_max', 'rho')])
+    refuse_ignored(given, discrete_grid_rules(net, opts, path))
     if opts.get('num_classes') and opts.num_classes != info.label_dim:
         raise click.UsageError(f'--num_classes={opts.num_classes} but {path} has {info.label_dim} classes')
     tag = kimg_tag(info.nimg) if info.nimg is not None else os.path.splitext(os.path.basename(path))[0]
@@ -246,6 +244,7 @@ def superres(opts):
     for path in paths:
         net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                              allow_unsafe_pickle=opts.allow_unsafe_pickle)
+        refuse_ignored(given_options(), discrete_grid_rules(net, opts, path))
         factor = getattr(net, 'sr_factor', None)
         if not factor:
             raise click.ClickException(f'{path} is not a super-resolution network; train one with train.py --task=superres')

@@ -209,6 +209,7 @@ def solve(opts):
     for path in paths:
         net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                              allow_unsafe_pickle=opts.allow_unsafe_pickle)
+        cli.refuse_ignored(cli.given_options(), cli.discrete_grid_rules(net, opts, path))
         tag = kimg_tag(info.nimg) if info.nimg is not None else os.path.splitext(os.path.basename(path))[0]
         outdir = opts.outdir if len(paths) == 1 else os.path.join(opts.outdir, tag)
         # Inputs that do not fit fail here, before anything is written.

@@ -146,7 +146,8 @@ def build_config(opts, world_size=1):
         c.optimizer_kwargs.weight_decay = opts.weight_decay
     c.augment_kwargs = None
     if resolve_augment(opts) > 0:
-        augment_set = opts.augment_set or ('blit' if opts.corruption_pattern == 'dust' else 'edm')
+        augment_set = opts.augment_set or ('blit' if opts.corruption_pattern == 'dust' or opts.precond in NOISY_PRECONDS
+                                           else 'edm')
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1)
         if augment_set == 'edm':
             c.augment_kwargs.update(scale=1, rotate_frac=1, aniso=1, translate_frac=1)
@@ -208,8 +209,8 @@ def _check_noisy_options(opts):
     """The noisy-data options: the σ-first Tweedie losses train on whole images (no masks); synthetic noise is
     trained on by them or, as a baseline, by the clean-data losses; the loss options need a noisy-data loss."""
     noisy = opts.precond in NOISY_PRECONDS
-    if opts.corruption_probability is None:
-        opts.corruption_probability = 0.0 if noisy else DEFAULT_CORRUPTION_PROBABILITY
+    if opts.corruption_probability is None:  # no masks on noisy data unless asked for
+        opts.corruption_probability = 0.0 if noisy or opts.get('noise_sigma') is not None else DEFAULT_CORRUPTION_PROBABILITY
     if noisy and opts.corruption_probability > 0:
         raise ConfigError(f'--precond={opts.precond} trains on whole images trusted at some noise levels; masks '
                           '(--corruption_probability) are for --precond=ambient: drop one of them')
@@ -218,6 +219,9 @@ def _check_noisy_options(opts):
                           'model: use --precond=ambient_noisy (or edm for the baseline that treats them as clean)')
     if opts.get('clean_fraction') is not None and opts.get('noise_sigma') is None:
         raise ConfigError('--clean_fraction is the share of images --noise_sigma leaves clean; give --noise_sigma too')
+    if noisy and opts.get('augment_set') == 'edm' and resolve_augment(opts) > 0:
+        raise ConfigError(f'--precond={opts.precond} trusts each image\'s noise to be white Gaussian of std sigma_min; '
+                          'EDM\'s warps (--augment_set=edm) interpolate and filter it: use --augment_set=blit')
     if not noisy and (opts.get('s_max') is not None or not opts.get('ambient_factor', True)):
         raise ConfigError('--s_max and --ambient_factor apply to the noisy-data losses; use --precond=ambient_noisy or '
                           'ambient_noisy_vp, or drop them')
@@ -256,7 +260,7 @@ def _resolve_resume(resume):
 @click.option('--precond',      help='Preconditioning & loss',                                   type=click.Choice(PRECONDS), default='ambient', show_default=True)
 # Corruption.
 @click.option('--corruption_pattern',     help='Mask pattern of the dataset',                     type=click.Choice(['dust', 'box', 'fixed_box', 'keep_patch']), default='dust', show_default=True)
-@click.option('--corruption_probability', help='p: how much of each image is missing  [default: 0.4; 0 for the noisy-data preconds]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
+@click.option('--corruption_probability', help='p: how much of each image is missing  [default: 0.4; 0 for the noisy-data preconds and with --noise_sigma]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
 @click.option('--delta_probability',      help='δ: further corruption of the observed pixels  [default: 0.1 for ambient losses, else 0]', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True))
 @click.option('--mask_full_rgb',          help='One dust mask per pixel, shared by its channels', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--mask_geometry',          help='Box patterns: ours, or original (B of A\'s size for box, fixed_box short of the last row with δ an on/off switch, keep_patch sub-boxes short of the far edge)', type=click.Choice(['ours', 'original']), default='ours', show_default=True)
@@ -454,6 +458,10 @@ def _check_noise_annotations(c, opts, dataset_obj):
 def check_architecture(network_kwargs, resolution):
     """The levels of `channel_mult` must fit the resolution (each halves it, down to 1x1), and the attention
     resolutions must be levels of the network."""
+    sr_factor = network_kwargs.get('sr_factor')
+    if sr_factor and resolution % sr_factor:
+        raise ConfigError(f'--sr_factor={sr_factor} does not divide the {resolution}x{resolution} images; use a divisor '
+                          f'of {resolution}')
     levels = len(network_kwargs.channel_mult)
     if resolution % (1 << (levels - 1)) != 0:
         raise ConfigError(f'--cres has {levels} levels, which halve {resolution}x{resolution} images {levels - 1} times; '

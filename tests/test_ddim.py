@@ -496,3 +496,10 @@ def test_label_dropout_drops_labels_in_training_mode(cond_run):
         assert abs(float(dropped.float().mean()) - 0.2) < 4 * math.sqrt(0.2 * 0.8 / n)
     assert not torch.equal(draws[0], draws[1])                 # redrawn at every call
     net.eval()
+
+
+def test_cfg_needs_a_network_trained_with_label_dropout():
+    net = tiny_songunet(ambient=False, label_dim=3)
+    net.model.label_dropout = 0
+    with pytest.raises(ValueError, match='label dropout'):
+        samplers.ClassifierFreeGuidance(net, 2.0)

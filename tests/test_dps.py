@@ -360,3 +360,9 @@ def test_cli_replacement_errors(setup, tmp_path, args, message):
     result = CliRunner().invoke(solve_cli.main, [str(a) for a in cmd])
     assert result.exit_code != 0 and message in result.output and 'Traceback' not in result.output
     assert not os.path.exists(tmp_path / 'o')
+
+
+def test_repaint_without_jump_points_is_refused():
+    with pytest.raises(ValueError, match='no jump point'):
+        inverse.repaint_moves(18, 10, 5)
+    assert inverse.repaint_moves(18, 10, 1) == inverse.repaint_moves(18, 1, 1)  # no resampling asked: plain descent

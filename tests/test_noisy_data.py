@@ -26,7 +26,7 @@ from training.loss import (EDMLoss, NoisyAmbientLoss, NoisyAmbientVPLoss, pseudo
                            tweedie_to_lower_noise_vp)
 from training.sigma_first import (NoAdmissibleImage, SigmaFirstSampler, admissibility_buffer, admissible, check_coverage,
                                   uncovered_interval)
-from conftest import REPO, random_images, write_edm_dataset
+from conftest import REPO, random_images, train_options, write_edm_dataset
 
 NOISY, CORRUPTED = KIND_CODES['noisy'], KIND_CODES['corrupted']
 INF = math.inf
@@ -243,7 +243,9 @@ N0, N1 = image_name(0), image_name(1)
     ([[N0, 0.1, None]], [N0, 'kind']),
     ([[N0, 0.1, None, 'blurry']], [N0, "'blurry'", 'kind']),
     ([[N0, 0.1, None, None]], [N0, 'kind']),
-    ([[N0, 0.1, None, 'noisy'], [N1, 0.1, None, 'noisy'], [N0, 0.2, None, 'noisy']], [N0, 'twice']),
+    ([[N0, 0.1, 0, 'noisy'], [N1, 0.1, 0, 'noisy'], [N0, 0.2, 0, 'noisy']], [N0, 'twice']),
+    ([[N0, 0.1, 0.5, 'noisy']], [N0, 'noisy', 'never a clean target']),
+    ([[N0, 0.1, None, 'noisy']], [N0, 'noisy', 'never a clean target']),
     ({N0: [0.1, None, 'noisy']}, ['must be a list']),
 ])
 def test_bad_annotations_are_named(entries, needles):
@@ -266,16 +268,16 @@ def test_annotations_read_from_dataset_json(tmp_path, images):
     """σ_max null/"inf" -> ∞; images without an entry are clean (0, ∞); items carry (σ_t, σ_min, σ_max, kind) and the
     fixed noise of corrupted images (zeros otherwise); the images themselves are returned as stored."""
     names = [image_name(i) for i in range(8)]
-    entries = [[names[1], 0.2, None, 'noisy'], [names[2], 0.3, 'inf', 'corrupted'], [names[4], 0.1, 0.5, 'corrupted'],
-               [names[6], 0.25, 'Infinity', 'noisy']]
+    entries = [[names[1], 0.2, 0, 'noisy'], [names[2], 0.3, 'inf', 'corrupted'], [names[4], 0.1, 0.5, 'corrupted'],
+               [names[6], 0.25, 'Infinity', 'corrupted']]
     path = annotated_dataset(tmp_path / 'data', images[:8], entries)
     ds = ImageFolderDataset(path, noise_items=True)
-    expected = {1: (0.2, INF, 'noisy'), 2: (0.3, INF, 'corrupted'), 4: (0.1, 0.5, 'corrupted'), 6: (0.25, INF, 'noisy')}
+    expected = {1: (0.2, 0.0, 'noisy'), 2: (0.3, INF, 'corrupted'), 4: (0.1, 0.5, 'corrupted'), 6: (0.25, INF, 'corrupted')}
     for i in range(8):
         assert ds.annotation(i) == expected.get(i, (0.0, INF, 'clean'))
     np.testing.assert_array_equal(ds.noise_levels(), [expected.get(i, (0.0, INF))[:2] for i in range(8)])
     assert ds.has_annotations
-    assert ds.noise_config() == dict(noise_sigma=None, clean_fraction=0.0, num_noisy=2, num_corrupted=2)
+    assert ds.noise_config() == dict(noise_sigma=None, clean_fraction=0.0, num_noisy=1, num_corrupted=3)
     clean = as_float(images[:8])
     for i in range(8):
         image, _, _, _, info, fixed = ds[i]
@@ -350,7 +352,7 @@ def test_clean_mode_yields_the_clean_images(data_zip, images):
 
 
 def test_annotations_and_synthetic_noise_are_exclusive(tmp_path, images):
-    path = annotated_dataset(tmp_path / 'data', images[:4], [[N0, 0.2, None, 'noisy']])
+    path = annotated_dataset(tmp_path / 'data', images[:4], [[N0, 0.2, 0, 'noisy']])
     with pytest.raises(DatasetError, match='annotations.*noise_sigma.*use one of them'):
         ImageFolderDataset(path, noise_sigma=0.3)
 
@@ -494,7 +496,7 @@ def test_noisy_option_errors_are_one_line_and_write_nothing(tmp_path, data_zip, 
 
 
 def test_uncovered_annotated_dataset_fails_before_the_run_directory(tmp_path, images):
-    path = annotated_dataset(tmp_path / 'data', images[:4], [[image_name(i), 0.2, 0.05, 'noisy'] for i in range(4)])
+    path = annotated_dataset(tmp_path / 'data', images[:4], [[image_name(i), 0.2, 0.05, 'corrupted'] for i in range(4)])
     out = tmp_path / 'runs'
     result = invoke(['--outdir', out, '--data', path, steps(1), *TINY, '--precond=ambient_noisy'])
     assert_one_line_error(result, 'no training image', str(path), '(0.05, 0.2)')
@@ -584,3 +586,16 @@ def test_noisy_training_two_processes_match_one(tmp_path, data_zip):
     la = [json.loads(line)['Loss/loss']['mean'] for line in open(tmp_path / 'one' / 'stats.jsonl')]
     lb = [json.loads(line)['Loss/loss']['mean'] for line in open(tmp_path / 'two' / 'stats.jsonl')]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_noisy_data_defaults_and_augmentation():
+    base = ['--outdir=unused', '--data=unused', '--noise_sigma=0.2']
+    # The clean-loss baseline on noisy data trains on whole images unless masks are asked for.
+    assert train.build_config(train_options(base + ['--precond=edm'])).dataset_kwargs.corruption_probability == 0
+    assert train.build_config(train_options(base + ['--precond=edm', '--corruption_probability=0.3'])
+                              ).dataset_kwargs.corruption_probability == 0.3
+    # The noisy losses keep the noise white: exact flips and shifts only.
+    c = train.build_config(train_options(base + ['--precond=ambient_noisy', '--augment=0.2']))
+    assert 'scale' not in c.augment_kwargs and c.augment_kwargs.get('rotate_int') == 1
+    with pytest.raises(train.ConfigError, match='augment_set=blit'):
+        train.build_config(train_options(base + ['--precond=ambient_noisy', '--augment=0.2', '--augment_set=edm']))

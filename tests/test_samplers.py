@@ -129,7 +129,8 @@ def tiny_songunet(ambient, label_dim=0, seed=0):
         torch.manual_seed(seed)
         net = networks.EDMPrecond(img_resolution=16, img_channels=6 if ambient else 3, label_dim=label_dim,
                                   model_type='SongUNet', ambient=ambient, gate='double_sigmoid', model_channels=16,
-                                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+                                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+                                  label_dropout=0.1 if label_dim else 0)  # conditional: ready for guidance
         # Larger output weights than the zero init, so that F matters in the samples.
         for p in net.parameters():
             p.data.normal_(0, 0.1) if p.ndim > 1 else None

@@ -163,3 +163,10 @@ def test_train_and_superres_end_to_end(tmp_path):
                                                    '--data', str(data), '--outdir', str(tmp_path / 'e'), *extra])
         assert result.exit_code != 0 and message in result.output and 'Traceback' not in result.output, result.output
         assert not os.path.exists(tmp_path / 'e' / 'sr')
+
+
+def test_sr_factor_must_divide_the_resolution(tmp_path):
+    data = write_edm_dataset(tmp_path / 'hr.zip', random_images(4, channels=1, resolution=16, seed=2))
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'run'), '--data', str(data), '--task=superres',
+                                             '--sr_factor=3', '--precond=edm', '--corruption_probability=0', '-n'])
+    assert result.exit_code != 0 and '--sr_factor=3 does not divide' in result.output

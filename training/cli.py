@@ -163,6 +163,14 @@ def guidance_rules(opts):
     return rules
 
 
+def discrete_grid_rules(net, opts, path):
+    """`refuse_ignored` rules for a network with discrete levels (DDPM): DDIM/DDPM steps go through its own skipped
+    grid, so --sigma_min, --sigma_max and --rho would do nothing."""
+    discrete_grid = hasattr(net, 'discrete_sigmas') and opts.solver in ('ddim', 'ddpm')
+    return [(name, discrete_grid, f'--solver={opts.solver} steps through {path}\'s own discrete levels (DDIM\'s '
+             'skipped grid of --steps)') for name in ('sigma_min', 'sigma_max', 'rho')]
+
+
 def on_rank0(work):
     """Run `work()` on rank 0 only; every process returns its one-line error message (None if it succeeded), so
     that all of them stop together instead of the others going on (or waiting) without rank 0."""

@@ -83,6 +83,9 @@ def parse_annotations(entries, names, where):
         if kind not in ('noisy', 'corrupted'):
             raise DatasetError(f"{where}: the kind of {name} is {kind!r}; use 'noisy' (the image carries Gaussian noise "
                                "of std sigma_min) or 'corrupted' (another corruption, trusted above sigma_min)")
+        if kind == 'noisy' and smax != 0:
+            raise DatasetError(f"{where}: {name} is 'noisy' with sigma_max {sigma_max!r}; a noisy image is never a clean "
+                               "target, so its sigma_max is 0 (use 'corrupted' for images trusted as they are at low σ)")
         levels[position[name]] = (smin, smax)
         kinds[position[name]] = KIND_CODES[kind]
     return levels, kinds

@@ -90,6 +90,9 @@ def repaint_moves(num_steps, jump_length=1, jump_n_sample=1):
     if jump_length < 1 or jump_n_sample < 1:
         raise ValueError(f'jump_length={jump_length}, jump_n_sample={jump_n_sample}: both must be >= 1')
     jumps = {tau: jump_n_sample - 1 for tau in range(jump_length, num_steps - jump_length + 1, jump_length)}
+    if jump_n_sample > 1 and not jumps:
+        raise ValueError(f'jump_length={jump_length} leaves no jump point in {num_steps} steps (RePaint jumps back from '
+                         f'L, 2L, ... <= steps − L): use jump_length <= {num_steps // 2} or more steps')
     tau, moves = num_steps, []
     while tau > 0:
         moves.append((num_steps - tau, num_steps - tau + 1))

@@ -307,6 +307,9 @@ class ClassifierFreeGuidance(_DenoiserWrapper):
         if not getattr(net, 'label_dim', 0):
             raise ValueError('classifier-free guidance needs a class-conditional network (trained with --cond=True '
                              'and --label_dropout > 0); this one has no labels: drop --cfg_scale')
+        if getattr(getattr(net, 'model', None), 'label_dropout', None) == 0:
+            raise ValueError('classifier-free guidance needs a network trained with label dropout (train.py '
+                             '--label_dropout > 0), whose all-zero labels mean "unconditional"; this one never saw them')
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not 0 <= cfg_scale < math.inf:
             raise ValueError(f'cfg_scale={cfg_scale!r} is invalid; pass a guidance weight >= 0')
         self.cfg_scale = float(cfg_scale)
