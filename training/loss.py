@@ -13,6 +13,7 @@ noise, in the same order in every loss, so losses can be compared draw for draw.
 import torch
 
 from torch_utils import misc
+from training.dataset_json import KIND_CODES
 from training.networks import HIDDEN_PRECONDS, ddpm_alpha_bar, mask_aware_coefficients, vp_sigma
 
 
@@ -332,7 +333,6 @@ def pseudo_target(x_n, x_t, sigma_t, sigma_n):
     return (sigma_t ** 2 * x_n - sigma_n ** 2 * x_t) / (sigma_t ** 2 - sigma_n ** 2)
 
 
-NOISE_KIND_NOISY, NOISE_KIND_CORRUPTED = 1, 2  # training.dataset.KIND_CODES of 'noisy' and 'corrupted'
 
 
 class _NoisyLoss:
@@ -367,7 +367,7 @@ class _NoisyLoss:
         # The branch is decided at the sampler's precision (float64 σ), then σ_tn takes the images' dtype.
         high_branch = sigma_min < noise_info[:, 0].reshape(-1, 1, 1, 1)
         sigma_tn = torch.where(high_branch, sigma_min, torch.zeros_like(sigma_min)).to(images.dtype)
-        x_tn = images + (kind == NOISE_KIND_CORRUPTED).to(images.dtype) * sigma_tn * fixed_noise.to(images.dtype)
+        x_tn = images + (kind == KIND_CODES['corrupted']).to(images.dtype) * sigma_tn * fixed_noise.to(images.dtype)
         x_tn, augment_labels, _, clean = _augment_with_clean(augment_pipe, x_tn, (), clean,
             _augment_generator(generator, augment_generator))
         # Noise scale and weight from the float64 levels: σ_t may lie within float32 rounding of σ_tn.
