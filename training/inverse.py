@@ -24,7 +24,7 @@ from torch_utils.ambient_diffusion import upsample_bicubic
 from torch_utils.misc import StackedRandomGenerator, seeded_generator
 from training.samplers import (LowResConditioned, _class_labels, _finite_images, _net_device, _round_sigma,
                                ambient_sampler, check_sampler_args, generate_batch, guided_ambient_denoiser,
-                               sample_masks, sampling_time_steps, solver_step)
+                               replacement_sampler, sample_masks, sampling_time_steps)
 
 DPS_NORMS = ('per_sample', 'batch')
 _MEASUREMENT_STREAM = 1     # spawn key that separates the measurement stream from the sampler's
@@ -103,24 +103,6 @@ def repaint_moves(num_steps, jump_length=1, jump_n_sample=1):
                 moves.append((num_steps - tau, num_steps - tau - 1))
                 tau += 1
     return moves
-
-
-def replacement_sampler(denoise, latents, y, mask, t_steps, moves, randn_like=torch.randn_like, solver='heun',
-                        eta=0.0, variance='beta_tilde'):
-    """Inpainting by replacement along `moves` (`repaint_moves`) over `t_steps`: the known pixels (mask = 1, values
-    y) are replaced by y + σ·z after every denoising step (y at σ = 0) and at the start; a move up adds
-    sqrt(t_j² − t_i²)·z. `denoise(x, σ)`, any solver (`solver_step`). Returns x [N, C, H, W] float64."""
-    y, mask = y.to(torch.float64), mask.to(torch.float64)
-    known = lambda t: y + t * randn_like(y)  # noqa: E731
-    x = latents.to(torch.float64) * t_steps[0]
-    x = mask * known(t_steps[0]) + (1 - mask) * x
-    for i, j in moves:
-        if j == i + 1:
-            x = solver_step(denoise, x, t_steps[i], t_steps[j], solver, eta, variance, randn_like)
-            x = mask * (known(t_steps[j]) if t_steps[j] > 0 else y) + (1 - mask) * x
-        else:
-            x = x + (t_steps[j] ** 2 - t_steps[i] ** 2).sqrt() * randn_like(x)
-    return x
 
 
 class _CleanAsAmbient(torch.nn.Module):
@@ -207,7 +189,7 @@ def solve_batch(net, operator, y, params, seeds, zeta, corruption=None, norm='pe
 def _replace(net, latents, masks, labels, y, known, rnd, jump_length, jump_n_sample, num_steps=18, sigma_min=0.002,
              sigma_max=80, rho=7, solver='heun', eta=0.0, variance='beta_tilde', guidance_scale=0.0, clipping='none',
              clip_percentile=0.995, guidance_units='ours', S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
-    """`replacement_sampler` with the ambient sampler's options (no churn; guidance in ours units)."""
+    """`samplers.replacement_sampler` with the ambient sampler's options (no churn; guidance in ours units)."""
     check_sampler_args(net, ambient=True, latents=latents, masks=masks, solver=solver, S_churn=S_churn, S_min=S_min,
                        S_max=S_max, S_noise=S_noise, eta=eta, variance=variance, guidance_units=guidance_units)
     if S_churn > 0 or guidance_units != 'ours':

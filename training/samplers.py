@@ -253,6 +253,27 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
                       solver, eta=eta, variance=variance)
 
 #----------------------------------------------------------------------------
+# Inpainting by replacement (Song et al. 2021, App. I.2) and RePaint (Lugmayr et al. 2022).
+
+def replacement_sampler(denoise, latents, y, mask, t_steps, moves, randn_like=torch.randn_like, solver='heun',
+                        eta=0.0, variance='beta_tilde'):
+    """Inpainting by replacement along `moves` (`inverse.repaint_moves`) over `t_steps`: the known pixels (mask = 1, values
+    y) are replaced by y + σ·z after every denoising step (y at σ = 0) and at the start; a move up adds
+    sqrt(t_j² − t_i²)·z. `denoise(x, σ)`, any solver (`solver_step`). Returns x [N, C, H, W] float64."""
+    y, mask = y.to(torch.float64), mask.to(torch.float64)
+    known = lambda t: y + t * randn_like(y)  # noqa: E731
+    x = latents.to(torch.float64) * t_steps[0]
+    x = mask * known(t_steps[0]) + (1 - mask) * x
+    for i, j in moves:
+        if j == i + 1:
+            x = solver_step(denoise, x, t_steps[i], t_steps[j], solver, eta, variance, randn_like)
+            x = mask * (known(t_steps[j]) if t_steps[j] > 0 else y) + (1 - mask) * x
+        else:
+            x = x + (t_steps[j] ** 2 - t_steps[i] ** 2).sqrt() * randn_like(x)
+    return x
+
+
+#----------------------------------------------------------------------------
 # Classifier-free guidance.
 
 class _DenoiserWrapper(torch.nn.Module):
