@@ -6,6 +6,7 @@
     python eval.py ref --data=data.zip --dest=stats.npz
     python eval.py fid --images=out/images --ref=stats.npz --num=50000
     python eval.py denoise --network=runs/00000-... --data=clean.zip --outdir=out   # error on hidden pixels per σ
+    python eval.py bpd --network=runs/00000-... --data=test.zip --outdir=out       # test-set bits/dim (VDM bound)
     torchrun --standalone --nproc_per_node=8 eval.py fid --images=out/images --ref=stats.npz
 
 Reference statistics use EDM's `.npz` format (`mu`, `sigma`), so EDM's published references
@@ -28,9 +29,9 @@ import dnnlib
 from dnnlib.util import atomic_write
 from torch_utils import distributed as dist
 from torch_utils.images import save_image_grid, save_png, to_uint8
-from torch_utils.misc import parse_int_list
+from torch_utils.misc import parse_int_list, seeded_generator
 from torch_utils.ambient_diffusion import downsample, upsample_bicubic
-from training import inverse, metrics, samplers, snapshots
+from training import inverse, metrics, samplers, snapshots, vdm
 from training.dataset import ImageFolderDataset
 from training.cli import (SIGMA_RANGE, check_output_dir, check_output_file, check_subset_seed, claim_output_dir,
                           command_body, detector_options, discrete_grid_rules, file_digest, given_options, guidance_rules, image_path,
@@ -420,6 +421,107 @@ def denoise(opts):
         f.writelines(json.dumps(row) + '\n' for row in rows)
     plot_denoising_error(os.path.join(opts.outdir, 'denoising-error.png'), rows)
     click.echo(f'\nWrote {opts.outdir}/denoising-error.jsonl and denoising-error.png')
+
+
+@cli.command()
+@network_options
+@click.option('--data',             help='Test images, 8-bit (zip or folder made by dataset_tool.py)', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--outdir',           help='Where bpd.jsonl goes (one row per snapshot; a rerun skips the rows there)', metavar='DIR', type=str, required=True)
+@click.option('--seeds',            help='Images i (dataset index i, seed i of its times and noises)  [default: all]', metavar='LIST', type=parse_int_list)
+@click.option('--num_t',            help='Time samples per image (low-discrepancy over [0, 1))', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--batch',            help='Images per batch and process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--T', 'T',           help='Discrete-time bound with T steps  [default: continuous time]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--gamma_min',        help='Networks without a schedule (EDM, VP, DDPM): γ(0) of the fixed linear schedule  [default: -13.3]', metavar='FLOAT', type=float)
+@click.option('--gamma_max',        help='Networks without a schedule: γ(1)  [default: 5]', metavar='FLOAT', type=float)
+@command_body()
+def bpd(opts):
+    """Test-set bits/dim: the VDM bound (prior, reconstruction, diffusion) per image, mean ± standard error.
+
+    VDM networks use their own schedule; any other clean network (EDM, VP, VE, DDPM) is scored through the same
+    continuous-time bound with its ε̂ = (x − D(x; σ))/σ and the fixed linear schedule --gamma_min..--gamma_max.
+    """
+    check_output_dir(opts.outdir)
+    dataset = ImageFolderDataset(opts.data, mode='clean', normalize=False)
+    seeds = opts.seeds if opts.seeds is not None else list(range(len(dataset)))
+    if max(seeds) >= len(dataset) or min(seeds) < 0:
+        raise click.BadParameter(f'{opts.data} holds {len(dataset)} images; pass --seeds within 0-{len(dataset) - 1}',
+                                 param_hint='--seeds')
+    dest = os.path.join(opts.outdir, 'bpd.jsonl')
+    rows = _read_rows(dest)
+    for path in snapshots.resolve_networks(opts.network, latest=opts.latest):
+        net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
+                                             allow_unsafe_pickle=opts.allow_unsafe_pickle)
+        schedule = _bpd_schedule(net, info, dataset, opts, path)
+        key = dict(network_sha256=file_digest(path), data=os.path.realpath(opts.data), seeds=len(seeds),
+                   num_t=opts.num_t, T=opts.T, gamma_min=opts.gamma_min, gamma_max=opts.gamma_max)
+        if any(all(row.get(k) == v for k, v in key.items()) for row in rows):
+            dist.print0(f'{path}: already in {dest}; skipped')
+            continue
+        data = ImageFolderDataset(opts.data, mode='clean', normalize=False, use_labels=True) if net.label_dim else dataset
+        bits = _image_bits(net, schedule, data, seeds, opts, info)  # conditional networks: bits/dim of p(x | class)
+        row = dict(network=os.path.abspath(path), kimg=info.kimg, **key, schedule=schedule.kind,
+                   conditional=bool(net.label_dim))
+        for name in (*vdm.TERMS, 'total'):
+            values = bits[name]
+            row[f'bpd_{name}'] = float(values.mean())
+            row[f'bpd_{name}_se'] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float('nan')
+        rows.append(row)
+        dist.print0(f'{path} (kimg {info.kimg}): {row["bpd_total"]:.4f} ± {row["bpd_total_se"]:.4f} bits/dim = prior '
+                    f'{row["bpd_prior"]:.4f} + reconstruction {row["bpd_reconstruction"]:.4f} + diffusion '
+                    f'{row["bpd_diffusion"]:.4f} ({len(seeds)} images x {opts.num_t} times)')
+        if dist.get_rank() == 0:
+            os.makedirs(opts.outdir, exist_ok=True)
+            with atomic_write(dest, 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in rows)
+    dist.print0(f'Wrote {dest}')
+
+
+def _read_rows(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _bpd_schedule(net, info, dataset, opts, path):
+    """The schedule of the bound for `net` (its own, or the fixed linear one); one-line errors for what cannot be
+    scored."""
+    if info.ambient or getattr(net, 'sr_factor', None):
+        raise click.ClickException(f'{path} is {"an ambient" if info.ambient else "a super-resolution"} network; bits/dim '
+                                   'are scored for clean unconditional or class-conditional networks')
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    if dataset.image_shape != shape:
+        raise click.ClickException(f'{opts.data} holds images of shape {dataset.image_shape} but {path} models {shape}; '
+                                   'convert the data with dataset_tool.py')
+    own = getattr(net, 'schedule', None)
+    if own is not None:
+        refuse_ignored(given_options(), [(name, True, f'{path} has its own schedule') for name in ('gamma_min', 'gamma_max')])
+        return own
+    try:
+        return vdm.NoiseSchedule('fixed_linear', opts.gamma_min if opts.gamma_min is not None else -13.3,
+                                 opts.gamma_max if opts.gamma_max is not None else 5.0).to(dist.device())
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--gamma_min/--gamma_max') from None
+
+
+def _image_bits(net, schedule, dataset, seeds, opts, info):
+    """Per-image bits/dim of `seeds`, split over processes and gathered (float64 arrays, in seed order)."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mine = seeds[rank::world_size]
+    parts = {name: [] for name in (*vdm.TERMS, 'total')}
+    for start in tqdm.tqdm(range(0, len(mine), opts.batch), unit='batch', desc=f'bpd kimg {info.kimg}',
+                           disable=rank != 0):
+        chunk = mine[start:start + opts.batch]
+        items = [dataset[s] for s in chunk]
+        k = torch.stack([item[0] for item in items]).long().to(dist.device())
+        labels = torch.stack([torch.as_tensor(item[1]) for item in items]).to(dist.device()) if net.label_dim else None
+        bits = vdm.image_bits(net, schedule, k, opts.num_t, [seeded_generator(9, s) for s in chunk], T=opts.T,
+                              class_labels=labels)
+        for name in parts:
+            parts[name] += [(s, float(v)) for s, v in zip(chunk, bits[name])]
+    gathered = {name: sorted(pair for part in dist.all_gather_object(values) for pair in part)
+                for name, values in parts.items()}
+    return {name: np.array([v for _, v in pairs]) for name, pairs in gathered.items()}
 
 
 @cli.command(hidden=True)

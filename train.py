@@ -26,11 +26,12 @@ from training import sigma_first, snapshots, training_loop
 from training.cli import check_output_dir, given_options, on_rank0, one_line_errors, refuse_ignored
 
 ARCHS = ('ddpmpp', 'ncsnpp', 'adm')
-PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've', 'ddpm', 'ambient_ddpm', 'ambient_noisy', 'ambient_noisy_vp')
+PRECONDS = ('ambient', 'ambient_vp', 'edm', 'vp', 've', 'ddpm', 'ambient_ddpm', 'ambient_noisy', 'ambient_noisy_vp', 'vdm')
 AMBIENT_PRECONDS = ('ambient', 'ambient_vp', 'ambient_ddpm')  # masked data: [image, mask] input, loss on A
 DDPM_PRECONDS = ('ddpm', 'ambient_ddpm')  # discrete DDPM schedule: --beta_schedule, --beta_start, --beta_end, --T
 DDPM_DEFAULTS = dict(beta_schedule='linear', beta_start=1e-4, beta_end=0.02, T=1000)
 NOISY_PRECONDS = ('ambient_noisy', 'ambient_noisy_vp')  # images trusted at some noise levels: σ-first, Tweedie loss
+VDM_OPTIONS = dict(schedule='learned', gamma_min=-13.3, gamma_max=5.0, t_sampling='low_discrepancy', fourier_features=None)
 DATA_KEYS = ('path', 'max_size', 'xflip', 'use_labels', 'noise_sigma', 'clean_fraction')  # what a resume may not change silently
 # --preset=original: the original code's network and objective (options given explicitly still win).
 ORIGINAL_PRESET = dict(gate='double_sigmoid', hidden_precond='original', cond_sigma_min=0.0, augment_set='edm',
@@ -47,7 +48,7 @@ class ConfigError(click.ClickException):
 def _network_kwargs(opts):
     precond_class = {'ambient': 'EDMPrecond', 'edm': 'EDMPrecond', 'ambient_vp': 'VPPrecond', 'vp': 'VPPrecond',
         've': 'VEPrecond', 'ambient_noisy': 'EDMPrecond', 'ambient_noisy_vp': 'VPPrecond', 'ddpm': 'DDPMPrecond',
-        'ambient_ddpm': 'DDPMPrecond'}[opts.precond]
+        'ambient_ddpm': 'DDPMPrecond', 'vdm': 'VDMPrecond'}[opts.precond]
     kw = dnnlib.EasyDict(class_name=f'training.networks.{precond_class}')
     if opts.arch == 'ddpmpp':
         kw.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
@@ -67,6 +68,11 @@ def _network_kwargs(opts):
         kw.attn_resolutions = opts.attn
     if opts.precond in DDPM_PRECONDS:
         kw.update(_ddpm_schedule(opts))
+    if opts.precond == 'vdm':
+        vdm = _vdm_options(opts)
+        kw.update(schedule=vdm.schedule, gamma_min=vdm.gamma_min, gamma_max=vdm.gamma_max)
+        if vdm.fourier_features:
+            kw.fourier_features = list(vdm.fourier_features)
     if opts.get('label_dropout'):
         kw.label_dropout = opts.label_dropout
     kw.update(dropout=opts.dropout, use_fp16=opts.fp16, ambient=opts.precond in AMBIENT_PRECONDS,
@@ -101,6 +107,7 @@ def build_config(opts, world_size=1):
                 'trains on the observations as if they were clean; use --precond=ambient or set --delta_probability=0')
     _check_noisy_options(opts)
     _ddpm_schedule(opts)
+    vdm = _vdm_options(opts)
     sr_factor = _check_superres(opts)
     delta_probability = opts.delta_probability if opts.delta_probability is not None else (0.1 if ambient else 0.0)
     batch_gpu = opts.batch_gpu or opts.batch // world_size
@@ -130,8 +137,10 @@ def build_config(opts, world_size=1):
         c.network_kwargs.sr_factor = sr_factor
     loss_class = {'ambient': 'AmbientLoss', 'ambient_vp': 'AmbientVPLoss', 'edm': 'EDMLoss', 'vp': 'VPLoss',
         've': 'VELoss', 'ambient_noisy': 'NoisyAmbientLoss', 'ambient_noisy_vp': 'NoisyAmbientVPLoss', 'ddpm': 'DDPMLoss',
-        'ambient_ddpm': 'AmbientDDPMLoss'}[opts.precond]
-    c.loss_kwargs = dnnlib.EasyDict(class_name=f'training.loss.{loss_class}')
+        'ambient_ddpm': 'AmbientDDPMLoss', 'vdm': 'VDMLoss'}[opts.precond]
+    c.loss_kwargs = dnnlib.EasyDict(class_name=f'training.{"vdm" if opts.precond == "vdm" else "loss"}.{loss_class}')
+    if vdm:
+        c.loss_kwargs.update(t_sampling=vdm.t_sampling, T=vdm.T, strata=opts.batch)
     if opts.precond in DDPM_PRECONDS:
         c.loss_kwargs.update(_ddpm_schedule(opts))
     if opts.precond in NOISY_PRECONDS:
@@ -170,9 +179,10 @@ def build_config(opts, world_size=1):
 
 
 def resolve_augment(opts):
-    """--augment's value: 0.12 by default, 0 for super-resolution (its condition is not augmented with the image)."""
+    """--augment's value: 0.12 by default, 0 for super-resolution (its condition is not augmented with the image) and
+    for VDM (a likelihood of the images themselves)."""
     if opts.get('augment') is None:
-        opts.augment = 0.0 if opts.get('task', 'generate') == 'superres' else DEFAULT_AUGMENT
+        opts.augment = 0.0 if opts.get('task', 'generate') == 'superres' or opts.precond == 'vdm' else DEFAULT_AUGMENT
     return opts.augment
 
 
@@ -196,13 +206,42 @@ def _ddpm_schedule(opts):
     values = dict(beta_schedule=opts.get('beta_schedule'), beta_start=opts.get('beta_start'),
                   beta_end=opts.get('beta_end'), T=opts.get('T'))
     given = {name: value for name, value in values.items() if value is not None}
+    if opts.precond == 'vdm':
+        given.pop('T', None)  # --T: VDM's discrete-time bound
     if opts.precond not in DDPM_PRECONDS:
         if given:
             raise ConfigError(f'--{next(iter(given))} sets the discrete DDPM schedule; use --precond=ddpm or ambient_ddpm')
         return {}
+    if given.get('T', 2) < 2:
+        raise ConfigError(f'--T={given["T"]}: a DDPM schedule needs at least 2 steps')
     if opts.get('beta_schedule') == 'cosine' and ('beta_start' in given or 'beta_end' in given):
         raise ConfigError('--beta_start/--beta_end set the linear schedule; the cosine schedule has none: drop them')
     return dict(DDPM_DEFAULTS, **given)
+
+
+def _vdm_options(opts):
+    """--precond=vdm's options (VDM_OPTIONS, and --T: discrete time) completed with defaults; refused for other
+    preconds, and VDM refuses what would change the 8-bit images it is a likelihood of. Returns {} without vdm."""
+    given = {name for name in VDM_OPTIONS if opts.get(name) is not None}
+    if opts.precond != 'vdm':
+        if given:
+            raise ConfigError(f'--{sorted(given)[0]} is an option of the VDM likelihood model; use --precond=vdm')
+        return {}
+    vdm = dnnlib.EasyDict({name: opts.get(name) if opts.get(name) is not None else default
+                           for name, default in VDM_OPTIONS.items()}, T=opts.get('T'))
+    if not vdm.gamma_min < vdm.gamma_max:
+        raise ConfigError(f'--gamma_min={vdm.gamma_min} must be below --gamma_max={vdm.gamma_max} (γ increases from '
+                          't = 0, the data, to t = 1, the noise; VDM uses -13.3 and 5)')
+    for name, what in (('corruption_probability', 'masks'), ('noise_sigma', 'synthetic noise')):
+        if opts.get(name):
+            raise ConfigError(f'--precond=vdm is a likelihood model of the clean 8-bit images; {what} (--{name}) would '
+                              'change them: drop it')
+    if resolve_augment(opts) > 0:
+        raise ConfigError('--precond=vdm is a likelihood of the 8-bit images themselves; augmentation would change '
+                          'them: pass --augment=0 (dataset --xflip is exact and allowed)')
+    if opts.get('task', 'generate') != 'generate':
+        raise ConfigError('--precond=vdm trains unconditional (or class-conditional) generation; drop --task')
+    return vdm
 
 
 def _check_noisy_options(opts):
@@ -210,7 +249,8 @@ def _check_noisy_options(opts):
     trained on by them or, as a baseline, by the clean-data losses; the loss options need a noisy-data loss."""
     noisy = opts.precond in NOISY_PRECONDS
     if opts.corruption_probability is None:  # no masks on noisy data unless asked for
-        opts.corruption_probability = 0.0 if noisy or opts.get('noise_sigma') is not None else DEFAULT_CORRUPTION_PROBABILITY
+        opts.corruption_probability = (0.0 if noisy or opts.get('noise_sigma') is not None or opts.precond == 'vdm'
+                                       else DEFAULT_CORRUPTION_PROBABILITY)
     if noisy and opts.corruption_probability > 0:
         raise ConfigError(f'--precond={opts.precond} trains on whole images trusted at some noise levels; masks '
                           '(--corruption_probability) are for --precond=ambient: drop one of them')
@@ -274,7 +314,12 @@ def _resolve_resume(resume):
 @click.option('--beta_schedule',          help='DDPM preconds: β schedule, linear (Ho et al.) or cosine (Nichol & Dhariwal)  [default: linear]', type=click.Choice(['linear', 'cosine']))
 @click.option('--beta_start',             help='DDPM preconds: first β of the linear schedule  [default: 1e-4]', metavar='FLOAT', type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option('--beta_end',               help='DDPM preconds: last β of the linear schedule  [default: 0.02]', metavar='FLOAT', type=click.FloatRange(0, 1, min_open=True, max_open=True))
-@click.option('--T', 'T',                 help='DDPM preconds: number of diffusion steps  [default: 1000]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--T', 'T',                 help='DDPM preconds: number of diffusion steps  [default: 1000]; vdm: the discrete-time bound with T steps  [default: continuous time]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--schedule',               help='vdm: noise schedule γ(t): fixed_linear, learned_linear (learned endpoints) or learned (monotone network, trained for low estimator variance)  [default: learned]', type=click.Choice(['fixed_linear', 'learned_linear', 'learned']))
+@click.option('--gamma_min',              help='vdm: γ(0), the lowest log noise-to-signal ratio (initial value when learned)  [default: -13.3]', metavar='FLOAT', type=float)
+@click.option('--gamma_max',              help='vdm: γ(1), the highest (initial value when learned)  [default: 5]', metavar='FLOAT', type=float)
+@click.option('--t_sampling',             help='vdm: time sampling of the bound: low_discrepancy (stratified over the batch), antithetic (t, 1 − t) or uniform  [default: low_discrepancy]', type=click.Choice(['low_discrepancy', 'antithetic', 'uniform']))
+@click.option('--fourier_features',       help='vdm: exponents n of the Fourier input features sin/cos(2^n·π·z), e.g. 7,8  [default: none]', metavar='LIST', type=parse_int_list)
 @click.option('--noise_sigma',            help='Synthetic noisy data: fixed Gaussian noise of this std on every image but a --clean_fraction (annotated (S, 0), kind noisy)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--clean_fraction',         help='Share of images --noise_sigma leaves clean (seeded by --corruption_seed)  [default: 0]', metavar='FLOAT', type=click.FloatRange(0, 1))
 @click.option('--s_max',                  help='Noisy-data losses: an image with sigma_min is used at σ > sigma_min·sqrt(1 + 1/(s_max − 1)) only, which caps the ambient factor below s_max²', metavar='FLOAT', type=click.FloatRange(min=1, min_open=True))

@@ -73,7 +73,7 @@ sampler_options = _options(
     click.option('--S_min', 'S_min',   help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
     click.option('--S_max', 'S_max',   help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True),
     click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True),
-    click.option('--solver',           help='heun, euler (EDM ODE), ddim (DDIM with --eta) or ddpm (ancestral)', type=click.Choice(['heun', 'euler', 'ddim', 'ddpm']), default='heun', show_default=True),
+    click.option('--solver',           help='heun, euler (EDM ODE), ddim (DDIM with --eta), ddpm (ancestral) or vdm (VDM\'s ancestral sampler over its schedule, --steps=T; VDM networks)', type=click.Choice(['heun', 'euler', 'ddim', 'ddpm', 'vdm']), default='heun', show_default=True),
     click.option('--eta',              help='DDIM η: 0 deterministic (Euler), 1 DDPM-like (--solver=ddim)', metavar='FLOAT', type=click.FloatRange(0, 1), default=0, show_default=True),
     click.option('--ddpm_variance',    help='DDPM step variance: beta_tilde (posterior) or beta (--solver=ddpm)', type=click.Choice(['beta_tilde', 'beta']), default='beta_tilde', show_default=True),
     click.option('--cfg_scale',        help='Classifier-free guidance w: D = D_uncond + w·(D_cond − D_uncond) (class-conditional networks trained with --label_dropout)', metavar='FLOAT', type=click.FloatRange(min=0)),
@@ -155,7 +155,7 @@ def guidance_rules(opts):
               '--num_masks > 1 and --guidance_scale > 0' + (' or --dps_scale > 0' if 'dps_scale' in opts else ''))]
     rules += [('eta', opts.get('solver') != 'ddim', 'η is the noise of DDIM steps; add --solver=ddim'),
               ('ddpm_variance', opts.get('solver') != 'ddpm', 'it is the variance of DDPM steps; add --solver=ddpm'),
-              ('S_churn', opts.get('solver') in ('ddim', 'ddpm') and opts.get('S_churn', 0) > 0,
+              ('S_churn', opts.get('solver') in ('ddim', 'ddpm', 'vdm') and opts.get('S_churn', 0) > 0,
                f'--solver={opts.get("solver")} draws its own noise; churn applies to heun and euler')]
     if 'resample_guidance_masks' in opts:
         rules.append(('resample_guidance_masks', not opts.resample_guidance_masks or opts.num_masks == 1
@@ -164,8 +164,15 @@ def guidance_rules(opts):
 
 
 def discrete_grid_rules(net, opts, path):
-    """`refuse_ignored` rules for a network with discrete levels (DDPM): DDIM/DDPM steps go through its own skipped
-    grid, so --sigma_min, --sigma_max and --rho would do nothing."""
+    """`refuse_ignored` rules for a network's own time grid: DDIM/DDPM steps on a network with discrete levels (DDPM)
+    go through its skipped grid, and VDM steps through its schedule, so --sigma_min, --sigma_max and --rho would do
+    nothing. --solver=vdm on a network without a schedule is a UsageError."""
+    if opts.solver == 'vdm' and not hasattr(net, 'schedule'):
+        raise click.UsageError(f'--solver=vdm steps through a VDM network\'s schedule γ(t); {path} has none (train one '
+                               'with --precond=vdm, or use --solver=heun, euler, ddim or ddpm)')
+    if opts.solver == 'vdm':
+        return [(name, True, f'--solver=vdm steps through {path}\'s own schedule (T = --steps uniform times)')
+                for name in ('sigma_min', 'sigma_max', 'rho')]
     discrete_grid = hasattr(net, 'discrete_sigmas') and opts.solver in ('ddim', 'ddpm')
     return [(name, discrete_grid, f'--solver={opts.solver} steps through {path}\'s own discrete levels (DDIM\'s '
              'skipped grid of --steps)') for name in ('sigma_min', 'sigma_max', 'rho')]

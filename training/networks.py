@@ -4,7 +4,7 @@ Architectures: DDPM++ / NCSN++ (`SongUNet`, Song et al. 2021) and ADM (`Dhariwal
 Nichol 2021), with EDM's module tree, so state dicts use EDM's names (`model.enc['32x32_conv'].weight`).
 Their layers (gated convolutions included) live in `training.layers`.
 
-Preconditioners (`EDMPrecond`, `VPPrecond`, `VEPrecond`, `iDDPMPrecond`, `DDPMPrecond`) compute
+Preconditioners (`EDMPrecond`, `VPPrecond`, `VEPrecond`, `iDDPMPrecond`, `DDPMPrecond`, `VDMPrecond`) compute
 D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ)). For ambient models the input is
 [Ã ⊙ x_σ, Ã] (2C channels) and D has C channels. As in the original, c_in scales all 2C input
 channels, the mask included, so that the released checkpoints reproduce their outputs.
@@ -35,6 +35,7 @@ import math
 import numpy as np
 import torch
 
+from training import vdm
 from training.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock, _check_gate,
                              _drop_labels)
 from torch.nn.functional import silu
@@ -275,7 +276,7 @@ class _Precond(torch.nn.Module):
 
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, out_channels, ambient,
                  gated, gate, hidden_precond='original', hidden_sigma=0.5, cond_sigma_min=0, sr_factor=None,
-                 **model_kwargs):
+                 feature_channels=0, **model_kwargs):
         super().__init__()
         if not cond_sigma_min >= 0:
             raise ValueError(f'cond_sigma_min={cond_sigma_min}: expected a noise level >= 0 (0 turns the floor off)')
@@ -311,7 +312,8 @@ class _Precond(torch.nn.Module):
         self.denoised_channels = min(self.out_channels, data_channels)
         self.gate = _check_gate(gate)
         self.model = ARCHITECTURES[model_type](
-            img_resolution=img_resolution, in_channels=img_channels + self.condition_channels, label_dim=label_dim, gate=gate,
+            img_resolution=img_resolution, in_channels=img_channels + feature_channels + self.condition_channels,
+            label_dim=label_dim, gate=gate,
             out_channels=self.out_channels, **model_kwargs)
 
     def _cond_sigma(self, sigma):
@@ -340,7 +342,7 @@ class _Precond(torch.nn.Module):
         """D = c_skip·x + c_out·F(c_in·x, c_noise), on the first `denoised_channels` channels."""
         dtype = self._compute_dtype(x, force_fp32)
         condition = model_kwargs.pop('condition', None)
-        x_in = c_in * x
+        x_in = self._input_features(c_in * x)
         if (condition is None) != (not self.condition_channels):
             raise ValueError(f'this network takes a {self.condition_channels}-channel low-resolution condition '
                              '(sr_factor) and was called without one' if condition is None else
@@ -355,6 +357,10 @@ class _Precond(torch.nn.Module):
             A_hat = x[:, x.shape[1] // 2:][:, :n]  # [N, C, H, W] (a mask of fewer channels broadcasts)
             c_skip, c_out = mask_aware_coefficients(c_skip, c_out, A_hat, self.hidden_sigma)
         return c_skip * x[:, :n] + c_out * F_x[:, :n].to(torch.float32)
+
+    def _input_features(self, x_in):
+        """The network's input channels from c_in·x (the preconditioned input itself; `VDMPrecond` adds features)."""
+        return x_in
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
@@ -540,3 +546,59 @@ class EDMPrecond(_Precond):
         c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
         c_noise = self._cond_sigma(sigma).log() / 4
         return self._denoise(x, c_skip, c_out, c_in, c_noise, class_labels, force_fp32, model_kwargs)
+
+
+class VDMPrecond(_Precond):
+    """Variational Diffusion Model (Kingma et al. 2021; `training.vdm`): ε-prediction over the same networks, with
+    a noise schedule γ(t) (`schedule`, a `vdm.NoiseSchedule`: 'fixed_linear', 'learned_linear' or 'learned').
+
+    As a denoiser in σ-form (every sampler): σ = exp(γ/2), D(x; σ) = x − σ·F(c_in·x; c_noise) with c_in =
+    1/sqrt(1 + σ²) = α, so c_in·x_σ = z_t and F = ε̂; c_noise = 1000·(γ − gamma_min)/(gamma_max − gamma_min),
+    γ rescaled by the configured range. fourier_features: exponents n of VDM's Fourier input features (App. B),
+    sin and cos of 2^n·π·z per channel, appended to z. σ_min, σ_max: exp(γ_0/2), exp(γ_1/2) of the schedule.
+
+    forward(z, None, labels, gamma=γ) returns ε̂ [N, C, H, W]; forward(k, None, labels, vlb=dict(t=, noise=,
+    noise_0=, T=, holder=)) returns the bound's terms for pixel values k (`vdm.vlb_terms`): the loss calls the
+    network once, through DDP's forward, for the whole bound, the schedule included.
+    """
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, schedule='fixed_linear',
+                 gamma_min=-13.3, gamma_max=5.0, fourier_features=(), model_type='SongUNet', out_channels=None,
+                 ambient=False, gated=False, gate=None, **model_kwargs):
+        if ambient:
+            raise ValueError('VDMPrecond is a likelihood model of clean 8-bit images; ambient=True is not available')
+        fourier_features = tuple(int(n) for n in fourier_features)
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, out_channels, ambient,
+                         gated, gate, feature_channels=2 * len(fourier_features) * img_channels, **model_kwargs)
+        self.schedule = vdm.NoiseSchedule(schedule, gamma_min, gamma_max)
+        self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
+        self.fourier_features = fourier_features
+
+    @property
+    def sigma_min(self):
+        return math.exp(float(self.schedule.endpoints()[0]) / 2)
+
+    @property
+    def sigma_max(self):
+        return math.exp(float(self.schedule.endpoints()[1]) / 2)
+
+    def _input_features(self, x_in):
+        if not self.fourier_features:
+            return x_in
+        freqs = torch.tensor([2.0 ** n * math.pi for n in self.fourier_features], dtype=x_in.dtype, device=x_in.device)
+        h = (x_in[:, :, None] * freqs[None, None, :, None, None]).flatten(1, 2)
+        return torch.cat([x_in, h.sin(), h.cos()], dim=1)
+
+    def _c_noise(self, gamma):
+        return 1000 * (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
+
+    def forward(self, x, sigma=None, class_labels=None, force_fp32=False, gamma=None, vlb=None, **model_kwargs):
+        if vlb is not None:
+            eps = lambda z, g: self.forward(z, None, class_labels, force_fp32, gamma=g, **model_kwargs)  # noqa: E731
+            return vdm.vlb_terms(eps, self.schedule, x, **vlb)
+        if gamma is not None:
+            z, _, class_labels = self._prepare(x, 1.0, class_labels)
+            return self._denoise(z, 0, 1, 1, self._c_noise(gamma.reshape(-1)), class_labels, force_fp32, model_kwargs)
+        x, sigma, class_labels = self._prepare(x, sigma, class_labels)
+        c_in = 1 / (sigma ** 2 + 1).sqrt()
+        return self._denoise(x, 1, -sigma, c_in, self._c_noise(2 * sigma.log()), class_labels, force_fp32, model_kwargs)

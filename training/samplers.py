@@ -42,8 +42,10 @@ import torch
 import dnnlib
 from torch_utils.ambient_diffusion import MaskCorruption
 from torch_utils.misc import StackedRandomGenerator
+from training import vdm
 
-SOLVERS = ('euler', 'heun', 'ddim', 'ddpm')
+SOLVERS = ('euler', 'heun', 'ddim', 'ddpm', 'vdm')
+ANCESTRAL = ('ddim', 'ddpm', 'vdm')  # one network evaluation per step (`ddim_step`), no churn
 DDPM_VARIANCES = ('beta_tilde', 'beta')
 GUIDANCE_UNITS = ('ours', 'original')
 CLIPPING_MODES = ('none', 'static', 'dynamic')
@@ -82,9 +84,12 @@ def check_sampler_args(net=None, ambient=None, latents=None, masks=None, **optio
     o = dnnlib.EasyDict(options)
     if 'solver' in o and o.solver not in SOLVERS:
         raise ValueError(f'solver={o.solver!r} is unknown; pass one of {", ".join(SOLVERS)}')
-    if o.get('solver') in ('ddim', 'ddpm') and o.get('S_churn', 0) > 0:
+    if o.get('solver') in ANCESTRAL and o.get('S_churn', 0) > 0:
         raise ValueError(f'solver={o.solver!r} adds its own noise (eta, the DDPM variance); S_churn applies to the '
                          'euler and heun solvers')
+    if o.get('solver') == 'vdm' and net is not None and not hasattr(net, 'schedule'):
+        raise ValueError('solver=\'vdm\' steps through a VDM network\'s own schedule γ(t); this network has none '
+                         '(train one with --precond=vdm, or use heun, euler, ddim or ddpm)')
     if 'eta' in o and (not 0 <= o.eta <= 1 or (o.eta > 0 and o.get('solver') != 'ddim')):
         raise ValueError(f'eta={o.eta!r} is invalid; pass 0 <= eta <= 1 with solver="ddim" (0 otherwise)')
     if 'variance' in o and o.variance not in DDPM_VARIANCES:
@@ -137,6 +142,8 @@ def sampling_time_steps(net, num_steps, sigma_min, sigma_max, rho, solver, devic
     """The time steps of a sampler run (with t_N = 0): EDM's (`edm_time_steps`), except for DDIM/DDPM steps on a
     discrete network (`net.discrete_sigmas`, e.g. DDPMPrecond): DDIM's uniformly skipped grid of `num_steps` of
     its T levels, from the highest to the lowest (Song et al. 2021, Sec. 4.2)."""
+    if solver == 'vdm':
+        return vdm.sampling_sigmas(net.schedule, _check_int('num_steps', num_steps, 1), device=device)
     levels = getattr(net, 'discrete_sigmas', None)
     if solver not in ('ddim', 'ddpm') or levels is None:
         return edm_time_steps(num_steps, sigma_min, sigma_max, rho, net=net, device=device)
@@ -178,7 +185,7 @@ def solver_step(denoise, x_cur, t_cur, t_next, solver='heun', eta=0.0, variance=
     """One step from t_cur to t_next < t_cur without churn: Euler or Heun (EDM Algorithm 2; no correction at
     t_next = 0), or `ddim_step` (solver 'ddim' with η = `eta`, 'ddpm' with `variance`)."""
     D = denoise(x_cur, t_cur)
-    if solver in ('ddim', 'ddpm'):
+    if solver in ANCESTRAL:
         return ddim_step(x_cur, D, t_cur, t_next, eta if solver == 'ddim' else 1.0,
                          variance if solver == 'ddpm' else 'beta_tilde', randn_like)
     d_cur = (x_cur - D) / t_cur
@@ -199,12 +206,12 @@ def _integrate(denoise, latents, t_steps, randn_like, round_sigma, S_churn, S_mi
     evaluation per step.
     """
     num_steps = len(t_steps) - 1
-    x_next = latents.to(torch.float64) * t_steps[0]
+    x_next = latents.to(torch.float64) * (t_steps[0] if solver != 'vdm' else (1 + t_steps[0] ** 2).sqrt())  # z_1/α_1
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):   # 0, ..., N−1
         if begin_step is not None:
             begin_step(i)
         x_cur = x_next
-        if solver in ('ddim', 'ddpm'):
+        if solver in ANCESTRAL:
             x_next = solver_step(denoise, x_cur, t_cur, t_next, solver, eta, variance, randn_like)
             continue
 
@@ -280,7 +287,7 @@ class _DenoiserWrapper(torch.nn.Module):
     """A denoiser around a network, with the network's sampling attributes, so that every sampler takes it."""
 
     _ATTRIBUTES = ('img_resolution', 'img_channels', 'label_dim', 'ambient', 'sigma_min', 'sigma_max', 'hidden_precond',
-                   'discrete_sigmas')
+                   'discrete_sigmas', 'schedule')
 
     def __init__(self, net):
         super().__init__()

@@ -37,7 +37,7 @@ SNAPSHOT_FORMAT = 'ambient-diffusion-snapshot'
 STATE_FORMAT = 'ambient-diffusion-training-state'
 FORMAT_VERSION = 1
 SNAPSHOT_RE = re.compile(r'^network-snapshot-(\d+(?:\.\d+)?)\.(pt|pkl)$')
-PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'DDPMPrecond')
+PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'DDPMPrecond', 'VDMPrecond')
 MODELS = ('SongUNet', 'DhariwalUNet')
 
 # The only classes a snapshot, a training state, training_options.json or a pickle may ask us to build: a class

@@ -244,8 +244,19 @@ def _construct(config, batch_gpu, device):
         check_loss_fits_network(loss_fn, net)
     augment_kwargs = config['augment_kwargs']
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **config['optimizer_kwargs'])
+    optimizer = dnnlib.util.construct_class_by_name(params=parameter_groups(net), **config['optimizer_kwargs'])
     return dataset_obj, net, loss_fn, augment_pipe, optimizer
+
+
+def parameter_groups(net):
+    """The optimizer's parameter groups: the network, and a learned noise schedule (`schedule`, VDM) in a group of
+    its own without weight decay."""
+    schedule = getattr(net, 'schedule', None)
+    own = list(schedule.parameters()) if isinstance(schedule, torch.nn.Module) else []
+    if not own:
+        return [dict(params=list(net.parameters()))]
+    ids = {id(p) for p in own}
+    return [dict(params=[p for p in net.parameters() if id(p) not in ids]), dict(params=own, weight_decay=0.0)]
 
 
 def network_kwargs_for(network_kwargs, dataset_obj):
@@ -375,7 +386,10 @@ def batch_loss(net, loss_fn, batch, positions, seed, device, ambient, augment_pi
     augment_generator = [seeded_generator(seed, 7, p) for p in positions] if augment_pipe is not None else None
     observation, mask, hat_mask = (t.to(device, non_blocking=True) for t in (observation, mask, hat_mask))
     labels = labels.to(device) if labels.shape[-1] > 0 else None
-    if getattr(loss_fn, 'sigma_first', False):
+    if getattr(loss_fn, 'needs_positions', False):  # times keyed by the global positions (VDM)
+        loss, diagnostics = loss_fn(net=net, images=observation, labels=labels, augment_pipe=augment_pipe,
+                                    generator=generators, positions=positions, seed=seed)
+    elif getattr(loss_fn, 'sigma_first', False):
         noise_info, fixed_noise, *clean = rest
         loss, diagnostics = loss_fn(net=net, images=observation, noise_info=noise_info.to(device),
             fixed_noise=fixed_noise.to(device), labels=labels, augment_pipe=augment_pipe, generator=generators,
