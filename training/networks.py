@@ -576,11 +576,11 @@ class VDMPrecond(_Precond):
 
     @property
     def sigma_min(self):
-        return math.exp(float(self.schedule.endpoints()[0]) / 2)
+        return math.exp(float(self.schedule.endpoints()[0].detach()) / 2)
 
     @property
     def sigma_max(self):
-        return math.exp(float(self.schedule.endpoints()[1]) / 2)
+        return math.exp(float(self.schedule.endpoints()[1].detach()) / 2)
 
     def _input_features(self, x_in):
         if not self.fourier_features:

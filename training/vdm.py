@@ -128,14 +128,14 @@ class NoiseSchedule(torch.nn.Module):
 
     def forward(self, t):
         gamma_0, gamma_1 = self.endpoints()
-        return gamma_0 + (gamma_1 - gamma_0) * self.shape(torch.as_tensor(t, dtype=torch.float32, device=gamma_0.device))
+        return gamma_0 + (gamma_1 - gamma_0) * self.shape(torch.as_tensor(t, dtype=gamma_0.dtype, device=gamma_0.device))
 
     def gamma_and_derivative(self, t, holder=None):
-        """γ(t) and γ'(t) [N] (float32), γ' by autograd through the schedule. With `holder` (training), the
+        """γ(t) and γ'(t) [N] (the schedule's dtype), γ' by autograd through the schedule. With `holder` (training), the
         gradient that reaches the shape f from sample i is scaled by holder['scale'][i] (variance minimisation)."""
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            t = t.detach().to(torch.float32).requires_grad_(True)
+            t = t.detach().to(self.gamma_0.device, self.gamma_0.dtype).requires_grad_(True)
             f = self.shape(t)
             (df,) = torch.autograd.grad(f.sum(), t, create_graph=create_graph)
         if not create_graph:
