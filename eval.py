@@ -15,6 +15,7 @@ The detector defaults to NVIDIA's Inception-v3 URL, fetched once into the dnnlib
 file there or pass its path with --detector. The computation lives in `training.metrics`.
 """
 
+import hashlib
 import json
 import os
 import time
@@ -443,30 +444,31 @@ def bpd(opts):
     check_output_dir(opts.outdir)
     dataset = ImageFolderDataset(opts.data, mode='clean', normalize=False)
     seeds = opts.seeds if opts.seeds is not None else list(range(len(dataset)))
-    if max(seeds) >= len(dataset) or min(seeds) < 0:
+    if not seeds or max(seeds) >= len(dataset) or min(seeds) < 0:
         raise click.BadParameter(f'{opts.data} holds {len(dataset)} images; pass --seeds within 0-{len(dataset) - 1}',
                                  param_hint='--seeds')
     dest = os.path.join(opts.outdir, 'bpd.jsonl')
     rows = _read_rows(dest)
+    seeds_digest = hashlib.sha256(','.join(map(str, seeds)).encode()).hexdigest()
     for path in snapshots.resolve_networks(opts.network, latest=opts.latest):
         net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                              allow_unsafe_pickle=opts.allow_unsafe_pickle)
         schedule = _bpd_schedule(net, info, dataset, opts, path)
-        key = dict(network_sha256=file_digest(path), data=os.path.realpath(opts.data), seeds=len(seeds),
+        key = dict(network_sha256=file_digest(path), data=os.path.realpath(opts.data), seeds_sha256=seeds_digest,
                    num_t=opts.num_t, T=opts.T, gamma_min=opts.gamma_min, gamma_max=opts.gamma_max)
         if any(all(row.get(k) == v for k, v in key.items()) for row in rows):
             dist.print0(f'{path}: already in {dest}; skipped')
             continue
         data = ImageFolderDataset(opts.data, mode='clean', normalize=False, use_labels=True) if net.label_dim else dataset
         bits = _image_bits(net, schedule, data, seeds, opts, info)  # conditional networks: bits/dim of p(x | class)
-        row = dict(network=os.path.abspath(path), kimg=info.kimg, **key, schedule=schedule.kind,
+        row = dict(network=os.path.abspath(path), kimg=info.kimg, **key, num_images=len(seeds), schedule=schedule.kind,
                    conditional=bool(net.label_dim))
         for name in (*vdm.TERMS, 'total'):
             values = bits[name]
             row[f'bpd_{name}'] = float(values.mean())
-            row[f'bpd_{name}_se'] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float('nan')
+            row[f'bpd_{name}_se'] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
         rows.append(row)
-        dist.print0(f'{path} (kimg {info.kimg}): {row["bpd_total"]:.4f} ± {row["bpd_total_se"]:.4f} bits/dim = prior '
+        dist.print0(f'{path} (kimg {info.kimg}): {row["bpd_total"]:.4f} ± {row["bpd_total_se"] or 0:.4f} bits/dim = prior '
                     f'{row["bpd_prior"]:.4f} + reconstruction {row["bpd_reconstruction"]:.4f} + diffusion '
                     f'{row["bpd_diffusion"]:.4f} ({len(seeds)} images x {opts.num_t} times)')
         if dist.get_rank() == 0:
@@ -498,10 +500,16 @@ def _bpd_schedule(net, info, dataset, opts, path):
         refuse_ignored(given_options(), [(name, True, f'{path} has its own schedule') for name in ('gamma_min', 'gamma_max')])
         return own
     try:
-        return vdm.NoiseSchedule('fixed_linear', opts.gamma_min if opts.gamma_min is not None else -13.3,
-                                 opts.gamma_max if opts.gamma_max is not None else 5.0).to(dist.device())
+        schedule = vdm.NoiseSchedule('fixed_linear', opts.gamma_min if opts.gamma_min is not None else -13.3,
+                                     opts.gamma_max if opts.gamma_max is not None else 5.0).to(dist.device())
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--gamma_min/--gamma_max') from None
+    lowest = float(np.exp(schedule.gamma_min / 2) / vdm.DATA_SCALE)
+    if lowest < getattr(net, 'sigma_min', 0):
+        dist.print0(f'Note: the bound reaches σ = {lowest:.4g}, below the lowest level {path} was trained at '
+                    f'({net.sigma_min:.4g}); raise --gamma_min to {2 * np.log(net.sigma_min * vdm.DATA_SCALE):.2f} to '
+                    'stay within it (the reconstruction term then grows)')
+    return schedule
 
 
 def _image_bits(net, schedule, dataset, seeds, opts, info):

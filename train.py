@@ -229,9 +229,12 @@ def _vdm_options(opts):
         return {}
     vdm = dnnlib.EasyDict({name: opts.get(name) if opts.get(name) is not None else default
                            for name, default in VDM_OPTIONS.items()}, T=opts.get('T'))
-    if not vdm.gamma_min < vdm.gamma_max:
-        raise ConfigError(f'--gamma_min={vdm.gamma_min} must be below --gamma_max={vdm.gamma_max} (γ increases from '
-                          't = 0, the data, to t = 1, the noise; VDM uses -13.3 and 5)')
+    if not (math.isfinite(vdm.gamma_min) and math.isfinite(vdm.gamma_max) and vdm.gamma_min < vdm.gamma_max):
+        raise ConfigError(f'--gamma_min={vdm.gamma_min} must be below --gamma_max={vdm.gamma_max}, both finite (γ '
+                          'increases from t = 0, the data, to t = 1, the noise; VDM uses -13.3 and 5)')
+    if opts.get('cond_sigma_min') is not None:
+        raise ConfigError('--cond_sigma_min floors the noise label of EDM-style networks; a VDM network is told γ(t) '
+                          'itself: drop it')
     for name, what in (('corruption_probability', 'masks'), ('noise_sigma', 'synthetic noise')):
         if opts.get(name):
             raise ConfigError(f'--precond=vdm is a likelihood model of the clean 8-bit images; {what} (--{name}) would '

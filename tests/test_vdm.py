@@ -172,13 +172,13 @@ def test_discrete_diffusion_term_matches_its_exact_sum_and_converges_to_continuo
     k = x_k.expand(n, -1, -1, -1)
     terms = vdm.vlb_terms(_linear_eps(a), schedule, k, vdm.sample_times(n, 'uniform', generator=gen),
                           torch.randn(k.shape, generator=gen), torch.randn(k.shape, generator=gen), T=T)
-    values = terms['diffusion'].double()
+    values = terms['diffusion'].detach().double()
     se = float(values.std() / math.sqrt(n))
     assert abs(float(values.mean()) - exact_sum(T)) < 3 * se
     # T → ∞: the discrete sum tends to the continuous integral, and is above it (SNR ratio convexity) for this ε̂.
     grid = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000
     _, gamma_prime = schedule.gamma_and_derivative(grid)
-    continuous = float((0.5 * gamma_prime.double() * _expected_sq_error(schedule, x, grid, a)).mean())
+    continuous = float((0.5 * gamma_prime.detach().double() * _expected_sq_error(schedule, x, grid, a)).mean())
     errors = [abs(exact_sum(T) - continuous) for T in (10, 100, 1000)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.01 * continuous
 
@@ -295,6 +295,27 @@ def test_variance_gradient_reaches_the_schedule_shape_and_the_bound_reaches_the_
         torch.testing.assert_close(got[names[id(p)]], g, rtol=1e-4, atol=1e-7)
 
 
+def test_discrete_time_trains_the_learned_shape_on_the_bound():
+    """With --T the bound's mean depends on the shape: every parameter, the shape's included, gets ∂mean(L)/∂θ."""
+    net = _net()
+    images, _ = _loss_inputs()
+    loss_fn = vdm.VDMLoss(strata=4, T=10)
+    generators = lambda: [misc.seeded_generator(0, i) for i in range(4)]  # noqa: E731
+    loss, _ = loss_fn(net, images, generator=generators(), positions=[0, 1, 2, 3])
+    loss.mean().backward()
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    gens = generators()
+    noise, noise_0 = misc.randn(images.shape, gens, None), misc.randn(images.shape, gens, None)
+    terms = vdm.vlb_terms(lambda z, g: net(z, None, gamma=g), net.schedule, vdm.to_levels(images),
+                          loss_fn.times([0, 1, 2, 3], 0), noise, noise_0, T=10)
+    total = sum(vdm.to_bits(v, 64) for v in terms.values()).mean()
+    expected = torch.autograd.grad(total, list(net.parameters()), allow_unused=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e if e is not None else torch.zeros_like(g), rtol=1e-4, atol=1e-7)
+    assert expected[[n for n, _ in net.named_parameters()].index('schedule.raw_w')].abs().max() > 0
+
+
 def test_loss_refuses_augmentation_and_non_8bit_images():
     net = _net('fixed_linear')
     images, gens = _loss_inputs()
@@ -318,11 +339,24 @@ def test_vdm_network_is_a_denoiser_whose_epsilon_is_its_output():
         z = x / (1 + sigma ** 2).sqrt().view(-1, 1, 1, 1)
         eps_hat = net(z, None, gamma=gamma)
         torch.testing.assert_close(D, x - sigma.view(-1, 1, 1, 1) * eps_hat, rtol=1e-5, atol=1e-5)
-        generic = vdm.denoiser_eps(lambda xx, s, labels=None: net(xx, s))(z, gamma)  # through D, as for EDM networks
-        torch.testing.assert_close(generic, eps_hat, rtol=1e-3, atol=1e-3)
     assert math.isclose(net.sigma_min, math.exp(-13.3 / 2), rel_tol=1e-5) and math.isclose(net.sigma_max, math.exp(2.5), rel_tol=1e-5)
     with pytest.raises(ValueError, match='ambient'):
         VDMPrecond(8, 2, ambient=True, **TINY_NET)
+
+
+def test_other_networks_epsilon_is_their_denoiser_on_vdm_points():
+    """An EDM-style network models y_k = k/127.5 − 1; VDM's points are x_k = (255/256)·y_k. For y ~ N(μ, s²) with
+    its exact denoiser, `denoiser_eps` must give the exact ε̂ of x ~ N(255μ/256, (255s/256)²)."""
+    mu, s = 0.2, 0.4
+    exact_y = lambda y, sigma, labels=None: mu + s ** 2 / (s ** 2 + sigma.reshape(-1, 1, 1, 1) ** 2) * (y - mu)  # noqa: E731
+    gamma = torch.tensor([-12.0, -6.0, 0.0, 4.0], dtype=torch.float64)
+    alpha, sigma_vp = torch.sigmoid(-gamma).sqrt().view(-1, 1, 1, 1), torch.sigmoid(gamma).sqrt().view(-1, 1, 1, 1)
+    z = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    eps = vdm.denoiser_eps(exact_y)(z, gamma)
+    c = 255 / 256
+    x, sigma = z / alpha, (gamma / 2).exp().view(-1, 1, 1, 1)
+    D_x = c * mu + (c * s) ** 2 / ((c * s) ** 2 + sigma ** 2) * (x - c * mu)
+    torch.testing.assert_close(eps.double(), (x - D_x) / sigma, rtol=1e-5, atol=1e-5)
 
 
 class _GaussianVDM(torch.nn.Module):

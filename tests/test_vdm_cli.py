@@ -15,6 +15,10 @@ from click.testing import CliRunner
 
 import eval as eval_cli
 import train
+from training import vdm
+from training.networks import VDMPrecond
+from training.snapshots import load_network
+from torch_utils.misc import seeded_generator
 from conftest import REPO, random_images, train_options, write_edm_dataset
 
 TINY = ['--cbase=8', '--cres=1,2', '--num_blocks=1', '--attn=4', '--batch=4', '--lr=1e-3', '--lr_rampup=0',
@@ -60,6 +64,8 @@ def test_config():
 @pytest.mark.parametrize('args,needle', [
     (['--precond=vdm', '--gamma_min=5', '--gamma_max=5'], 'must be below --gamma_max'),
     (['--precond=vdm', '--gamma_min=6'], 'must be below --gamma_max'),
+    (['--precond=vdm', '--gamma_min=-inf'], 'both finite'),
+    (['--precond=vdm', '--cond_sigma_min=0.1'], '--cond_sigma_min'),
     (['--precond=vdm', '--augment=0.1'], 'augmentation'),
     (['--precond=vdm', '--corruption_probability=0.5'], 'masks'),
     (['--precond=vdm', '--noise_sigma=0.2'], 'synthetic noise'),
@@ -91,7 +97,9 @@ def test_training_logs_each_term_and_trains_the_schedule(vdm_run):
         assert np.isfinite(rows[-1][f'Loss/{name}']['mean']) and rows[-1][f'Loss/{name}']['std'] > 0
     state = final_state(vdm_run)
     assert len(state['optimizer']['param_groups']) == 2 and state['optimizer']['param_groups'][1]['weight_decay'] == 0
-    assert abs(float(state['net']['schedule.gamma_0']) + 13.3) > 1e-5  # the endpoint moved
+    init = VDMPrecond(8, 1, schedule='learned', model_channels=8, channel_mult=[1, 2], num_blocks=1).schedule.state_dict()
+    for name, value in init.items():  # the endpoints and the shape moved
+        assert not torch.allclose(state['net'][f'schedule.{name}'], value), name
 
 
 def test_bpd_command(vdm_run, data_zip, tmp_path):
@@ -101,15 +109,24 @@ def test_bpd_command(vdm_run, data_zip, tmp_path):
     result = CliRunner().invoke(eval_cli.cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in open(out / 'bpd.jsonl')]
-    assert len(rows) == 1 and rows[0]['seeds'] == 6 and rows[0]['schedule'] == 'learned'
+    assert len(rows) == 1 and rows[0]['num_images'] == 6 and rows[0]['schedule'] == 'learned'
     row = rows[0]
-    assert row['bpd_total'] == pytest.approx(row['bpd_prior'] + row['bpd_reconstruction'] + row['bpd_diffusion'])
-    assert all(row[f'bpd_{name}_se'] > 0 for name in ('total', 'diffusion'))
+    # The command's means and standard errors are those of the library's per-image bits, image i keyed by seed i.
+    net, _ = load_network(row['network'])
+    from training.dataset import ImageFolderDataset
+    dataset = ImageFolderDataset(data_zip, mode='clean', normalize=False)
+    k = torch.stack([dataset[i][0] for i in range(6)]).long()
+    bits = vdm.image_bits(net, net.schedule, k, 2, [seeded_generator(9, i) for i in range(6)])
+    for name in ('total', 'prior', 'reconstruction', 'diffusion'):
+        assert row[f'bpd_{name}'] == pytest.approx(float(bits[name].mean()), rel=1e-6)
+        assert row[f'bpd_{name}_se'] == pytest.approx(float(bits[name].std() / 6 ** 0.5), rel=1e-6)
     # A rerun skips the snapshot; other options add a row.
     result = CliRunner().invoke(eval_cli.cli, args, catch_exceptions=False)
     assert 'skipped' in result.output and len(open(out / 'bpd.jsonl').readlines()) == 1
     result = CliRunner().invoke(eval_cli.cli, args[:-2] + ['--num_t=1', '--seeds=0-5', '--T=10'], catch_exceptions=False)
     assert len(open(out / 'bpd.jsonl').readlines()) == 2
+    result = CliRunner().invoke(eval_cli.cli, args[:-1] + ['--seeds=1-6'], catch_exceptions=False)  # other images
+    assert 'skipped' not in result.output and len(open(out / 'bpd.jsonl').readlines()) == 3
     # A VDM network has its own schedule.
     result = CliRunner().invoke(eval_cli.cli, args + ['--gamma_min=-10'])
     assert_one_line_error(result, '--gamma_min', 'own schedule')

@@ -554,7 +554,8 @@ class VDMPrecond(_Precond):
 
     As a denoiser in σ-form (every sampler): σ = exp(γ/2), D(x; σ) = x − σ·F(c_in·x; c_noise) with c_in =
     1/sqrt(1 + σ²) = α, so c_in·x_σ = z_t and F = ε̂; c_noise = 1000·(γ − gamma_min)/(gamma_max − gamma_min),
-    γ rescaled by the configured range. fourier_features: exponents n of VDM's Fourier input features (App. B),
+    γ rescaled by the configured range, for positional embeddings (DDPM++, ADM), and γ/2 = log σ for NCSN++'s
+    random Fourier embedding. fourier_features: exponents n of VDM's Fourier input features (App. B),
     sin and cos of 2^n·π·z per channel, appended to z. σ_min, σ_max: exp(γ_0/2), exp(γ_1/2) of the schedule.
 
     forward(z, None, labels, gamma=γ) returns ε̂ [N, C, H, W]; forward(k, None, labels, vlb=dict(t=, noise=,
@@ -573,6 +574,8 @@ class VDMPrecond(_Precond):
         self.schedule = vdm.NoiseSchedule(schedule, gamma_min, gamma_max)
         self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
         self.fourier_features = fourier_features
+        # NCSN++'s random Fourier embedding (scale 16) expects labels of order 1, as EDM's VE log(σ/2).
+        self.fourier_noise_labels = model_kwargs.get('embedding_type') == 'fourier'
 
     @property
     def sigma_min(self):
@@ -590,6 +593,8 @@ class VDMPrecond(_Precond):
         return torch.cat([x_in, h.sin(), h.cos()], dim=1)
 
     def _c_noise(self, gamma):
+        if self.fourier_noise_labels:
+            return gamma / 2  # log σ
         return 1000 * (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
 
     def forward(self, x, sigma=None, class_labels=None, force_fp32=False, gamma=None, vlb=None, **model_kwargs):

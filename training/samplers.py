@@ -206,7 +206,7 @@ def _integrate(denoise, latents, t_steps, randn_like, round_sigma, S_churn, S_mi
     evaluation per step.
     """
     num_steps = len(t_steps) - 1
-    x_next = latents.to(torch.float64) * (t_steps[0] if solver != 'vdm' else (1 + t_steps[0] ** 2).sqrt())  # z_1/α_1
+    x_next = initial_state(latents, t_steps, solver)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):   # 0, ..., N−1
         if begin_step is not None:
             begin_step(i)
@@ -230,6 +230,12 @@ def _integrate(denoise, latents, t_steps, randn_like, round_sigma, S_churn, S_mi
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
+
+
+def initial_state(latents, t_steps, solver):
+    """x at the first level from standard-normal latents: σ_0·latents, or z_1/α_1 = sqrt(1 + σ_0²)·latents for VDM's
+    variance-preserving prior (solver 'vdm'), float64."""
+    return latents.to(torch.float64) * (t_steps[0] if solver != 'vdm' else (1 + t_steps[0] ** 2).sqrt())
 
 
 def _round_sigma(net):
@@ -269,12 +275,11 @@ def replacement_sampler(denoise, latents, y, mask, t_steps, moves, randn_like=to
     sqrt(t_j² − t_i²)·z. `denoise(x, σ)`, any solver (`solver_step`). Returns x [N, C, H, W] float64."""
     y, mask = y.to(torch.float64), mask.to(torch.float64)
     known = lambda t: y + t * randn_like(y)  # noqa: E731
-    x = latents.to(torch.float64) * t_steps[0]
-    x = mask * known(t_steps[0]) + (1 - mask) * x
+    x = mask * known(t_steps[0]) + (1 - mask) * initial_state(latents, t_steps, solver)
     for i, j in moves:
         if j == i + 1:
             x = solver_step(denoise, x, t_steps[i], t_steps[j], solver, eta, variance, randn_like)
-            x = mask * (known(t_steps[j]) if t_steps[j] > 0 else y) + (1 - mask) * x
+            x = mask * (known(t_steps[j]) if j < len(t_steps) - 1 else y) + (1 - mask) * x
         else:
             x = x + (t_steps[j] ** 2 - t_steps[i] ** 2).sqrt() * randn_like(x)
     return x

@@ -418,8 +418,13 @@ def _optimizer_step(net, optimizer, base_lr, lr_rampup_kimg, cur_nimg, max_grad_
         if param.grad is not None:
             torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
     # The norm is reported always; with max_norm = inf nothing is clipped (the gradients are scaled by exactly 1).
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm if max_grad_norm is not None else math.inf)
-    training_stats.report('Train/grad_norm', grad_norm)
+    # Each parameter group is clipped on its own: a learned schedule's gradients (of another objective, VDM's
+    # estimator variance) do not scale the network's.
+    max_norm = max_grad_norm if max_grad_norm is not None else math.inf
+    norms = [torch.nn.utils.clip_grad_norm_(group['params'], max_norm) for group in optimizer.param_groups]
+    training_stats.report('Train/grad_norm', norms[0])
+    if len(norms) > 1:
+        training_stats.report('Train/schedule_grad_norm', norms[1])
     optimizer.step()
     training_stats.report('Train/lr', lr)
 

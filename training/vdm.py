@@ -25,7 +25,8 @@ Training the schedule. In continuous time E[diffusion] depends on γ only throug
 v = γ(t)), so the endpoints are trained on the bound, like the network, and the shape f is trained to minimise
 the variance of the estimator (VDM App. I.2): since its mean does not depend on f, ∂Var/∂f = ∂E[L_d²]/∂f =
 E[2·L_d·∂L_d/∂f]. One backward pass does both: the gradient reaching f(t_i) and f'(t_i) of sample i is multiplied
-by 2·L_d,i (`_VarianceGradient`), where L_d,i is that sample's diffusion term in bits/dim.
+by 2·L_d,i (`_VarianceGradient`), where L_d,i is that sample's diffusion term in bits/dim. This holds in
+continuous time; with discrete T the bound's mean depends on f too, and f is trained on the bound.
 
 Time sampling (`sample_times`): 'uniform' (independent t), 'antithetic' (pairs t, 1 − t) or 'low_discrepancy'
 (VDM's t_i = (u + i/n) mod 1 over a batch of n). All three have uniform marginals, so the estimate is unbiased.
@@ -65,9 +66,16 @@ def _inverse_softplus(y):
     return y + torch.log(-torch.expm1(-y))
 
 
+class GradientScale:
+    """The per-sample factor of `_VarianceGradient`, set after the forward pass, once the per-sample losses are
+    known (a plain object, so that DDP's input copying leaves it as it is)."""
+
+    def __init__(self):
+        self.scale = None
+
+
 class _VarianceGradient(torch.autograd.Function):
-    """Identity whose backward multiplies the incoming gradient by holder['scale'] (per sample), set after the
-    forward pass, once the per-sample losses are known."""
+    """Identity whose backward multiplies the incoming gradient by holder.scale (per sample)."""
 
     @staticmethod
     def forward(ctx, value, holder):
@@ -76,9 +84,9 @@ class _VarianceGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        scale = ctx.holder.get('scale')
+        scale = ctx.holder.scale
         if scale is None:
-            raise RuntimeError('the schedule\'s variance gradient needs holder["scale"] set before backward')
+            raise RuntimeError('the schedule\'s variance gradient needs holder.scale set before backward')
         return grad * scale.detach().to(grad.dtype).reshape(grad.shape), None
 
 
@@ -131,8 +139,9 @@ class NoiseSchedule(torch.nn.Module):
         return gamma_0 + (gamma_1 - gamma_0) * self.shape(torch.as_tensor(t, dtype=gamma_0.dtype, device=gamma_0.device))
 
     def gamma_and_derivative(self, t, holder=None):
-        """γ(t) and γ'(t) [N] (the schedule's dtype), γ' by autograd through the schedule. With `holder` (training), the
-        gradient that reaches the shape f from sample i is scaled by holder['scale'][i] (variance minimisation)."""
+        """γ(t) and γ'(t) [N] (the schedule's dtype), γ' by autograd through the schedule. With `holder` (a
+        `GradientScale`, training), the gradient that reaches the shape f from sample i is scaled by holder.scale[i]
+        (variance minimisation)."""
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             t = t.detach().to(self.gamma_0.device, self.gamma_0.dtype).requires_grad_(True)
@@ -250,7 +259,8 @@ def vlb_terms(eps_fn, schedule, k, t, noise, noise_0, T=None, holder=None):
     """−VLB terms per image in nats: dict(prior, reconstruction, diffusion) [N] for pixel values k [N, C, H, W]
     (long), times t [N] in [0, 1), noises ε and ε_0 (for z_t and z_0), of the noise predictor
     `eps_fn(z, gamma) -> ε̂` under `schedule` (a `NoiseSchedule`). T: discrete-time diffusion term (None:
-    continuous). holder: training's variance-gradient holder (see the module docstring)."""
+    continuous). holder: training's `GradientScale` (continuous time; see the module docstring).
+    Discrete time trains the shape on the bound: its mean depends on the shape there."""
     x = level_values(k)
     gamma_0, gamma_1 = schedule.endpoints()
     n = x.shape[0]
@@ -260,14 +270,18 @@ def vlb_terms(eps_fn, schedule, k, t, noise, noise_0, T=None, holder=None):
     t = torch.as_tensor(t, device=x.device).reshape(n)
     if T is None:
         gamma_t, gamma_prime = schedule.gamma_and_derivative(t, holder)
-    else:
-        t, s = discrete_times(t.to(torch.float64), T)
-        gamma_t, _ = schedule.gamma_and_derivative(torch.cat([t, s]), holder)
-        gamma_t, gamma_s = gamma_t[:n], gamma_t[n:]
+        alpha_t, sigma_t = alpha_sigma(gamma_t, x.ndim)
+        eps_hat = eps_fn(alpha_t * x + sigma_t * noise, gamma_t)
+        terms['diffusion'] = diffusion_continuous(gamma_prime, noise, eps_hat)
+        return terms
+    # Discrete time: the bound's mean depends on the whole shape, which is then trained on the bound (no holder);
+    # γ_t − γ_s = (γ_1 − γ_0)(f_t − f_s), without subtracting two rounded values of γ.
+    t, s = discrete_times(t.to(torch.float64), T)
+    f = schedule.shape(torch.cat([t, s]).to(gamma_0.device, gamma_0.dtype))
+    gamma_t = gamma_0 + (gamma_1 - gamma_0) * f[:n]
     alpha_t, sigma_t = alpha_sigma(gamma_t, x.ndim)
     eps_hat = eps_fn(alpha_t * x + sigma_t * noise, gamma_t)
-    terms['diffusion'] = (diffusion_continuous(gamma_prime, noise, eps_hat) if T is None else
-                          diffusion_discrete(gamma_t, gamma_s, T, noise, eps_hat))
+    terms['diffusion'] = diffusion_discrete((gamma_1 - gamma_0) * (f[:n] - f[n:]), 0, T, noise, eps_hat)
     return terms
 
 
@@ -275,9 +289,13 @@ def to_bits(nats, dims):
     return nats / (dims * LN2)
 
 
+DATA_SCALE = 255 / 256  # x_k = (2k + 1)/256 − 1 = DATA_SCALE·y_k with y_k = k/127.5 − 1, the other networks' data
+
+
 def denoiser_eps(net, class_labels=None):
-    """ε̂(z, γ) of any σ-form denoiser D(x; σ): x_σ = z/α, σ = exp(γ/2), ε̂ = (x_σ − D(x_σ; σ))/σ; a VDM network
-    gives its own ε-output."""
+    """ε̂(z, γ) of any σ-form denoiser: x_σ = z/α, σ = exp(γ/2), ε̂ = (x_σ − D_x(x_σ; σ))/σ; a VDM network gives its
+    own ε-output. The other networks model y_k = k/127.5 − 1, so D_x(x; σ) = s·D(x/s; σ/s) with s = 255/256: the
+    same data on VDM's points x_k = s·y_k."""
     if hasattr(misc.unwrap(net), 'schedule'):
         return lambda z, gamma: net(z, None, class_labels, gamma=gamma)
 
@@ -285,7 +303,8 @@ def denoiser_eps(net, class_labels=None):
         alpha, _ = alpha_sigma(gamma, z.ndim)
         sigma = (gamma / 2).exp().reshape(alpha.shape)
         x = z / alpha
-        return (x - net(x, sigma.reshape(-1), class_labels).to(torch.float32)) / sigma
+        D = DATA_SCALE * net(x / DATA_SCALE, (sigma / DATA_SCALE).reshape(-1), class_labels).to(z.dtype)
+        return (x - D) / sigma
     return eps
 
 
@@ -353,10 +372,10 @@ class VDMLoss:
         t = self.times(positions, seed).to(images.device)
         noise = misc.randn(images.shape, generator, None if generator is not None else images.device).to(images.device)
         noise_0 = misc.randn(images.shape, generator, None if generator is not None else images.device).to(images.device)
-        holder = {}
+        holder = GradientScale()
         terms = net(k, None, labels, vlb=dict(t=t, noise=noise, noise_0=noise_0, T=self.T, holder=holder))
         bits = {name: to_bits(value, images[0].numel()) for name, value in terms.items()}
-        holder['scale'] = 2 * bits['diffusion'].detach()
+        holder.scale = 2 * bits['diffusion'].detach()
         loss = bits['prior'] + bits['reconstruction'] + bits['diffusion']
         diagnostics = {f'vdm/{name}_bpd': value.detach() for name, value in bits.items()}
         diagnostics['vdm/bpd'] = loss.detach()
