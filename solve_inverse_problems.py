@@ -201,6 +201,9 @@ def solve(opts):
     if opts.method != 'dps' and pattern not in ('dust', 'box_masking'):
         raise click.UsageError(f'--method={opts.method} replaces known pixels: it needs an inpainting operator '
                                f'(--corruption_pattern=dust or box_masking), not {pattern}')
+    if opts.method != 'dps' and opts.solver == 'dpmpp2m':
+        raise click.UsageError(f'--solver=dpmpp2m reuses the previous step, which --method={opts.method} breaks by '
+                               'replacing pixels; use heun, euler, ddim or ddpm')
     cli.check_output_dir(opts.outdir)
     operator = build_operator(opts)
     dataset = ImageFolderDataset(opts.measurements_path, mode='clean')

@@ -22,7 +22,8 @@ from test_eval import TINY, invoke, run_dir  # noqa: F401 (run_dir: the tiny unc
 from test_samplers import GaussianNet, Recorder, SmoothNet, _Net, _sigma, tiny_songunet
 from torch_utils.ambient_diffusion import MaskCorruption
 from torch_utils.images import to_uint8
-from training import cli, samplers, snapshots
+from training import cli, samplers, snapshots, solvers
+from training.networks import EDMPrecond
 
 # ----------------------------------------------------------------------------
 # Test networks and VP-form references.
@@ -503,3 +504,62 @@ def test_cfg_needs_a_network_trained_with_label_dropout():
     net.model.label_dropout = 0
     with pytest.raises(ValueError, match='label dropout'):
         samplers.ClassifierFreeGuidance(net, 2.0)
+
+
+# ----------------------------------------------------------------------------
+# DPM-Solver++(2M).
+
+def _dpmpp_2m_vp(denoise, latents, t_steps):
+    """DPM-Solver++(2M) written in the paper's VP form (Lu et al. 2022, Alg. 2): α_t = 1/sqrt(1 + σ²), σ_t = σ·α_t,
+    λ = log(α_t/σ_t), x_t = (σ_t/σ_s)·x_s − α_t·(e^{−h} − 1)·D̃; returns the σ-form x at the end (x_vp/α)."""
+    alpha = lambda s: 1 / (1 + s ** 2).sqrt()  # noqa: E731
+    lam = lambda s: -torch.log(s)  # noqa: E731
+    x = latents.double() * t_steps[0] * alpha(t_steps[0])
+    D_prev = None
+    for i in range(len(t_steps) - 1):
+        s, t = t_steps[i], t_steps[i + 1]
+        D = denoise(x / alpha(s), s)
+        if t == 0:
+            return D
+        h = lam(t) - lam(s)
+        D_tilde = D if D_prev is None else (1 + 1 / (2 * (lam(s) - lam(t_steps[i - 1])) / h)) * D - (
+            1 / (2 * (lam(s) - lam(t_steps[i - 1])) / h)) * D_prev
+        x = (t * alpha(t)) / (s * alpha(s)) * x - alpha(t) * torch.expm1(-h) * D_tilde
+        D_prev = D
+    return x / alpha(t_steps[-1])
+
+
+def test_dpmpp_2m_is_the_papers_vp_form_and_second_order():
+    mu, s = 0.3, 0.5
+    exact = lambda x, sigma: mu + s ** 2 / (s ** 2 + torch.as_tensor(sigma, dtype=torch.float64) ** 2) * (x - mu)  # noqa: E731
+    latents = torch.randn(64, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t_steps = samplers.edm_time_steps(12, 0.002, 80, 7)
+    ours = solvers._integrate(exact, latents, t_steps, None, lambda t: t, 0, 0, float('inf'), 1, 'dpmpp2m')
+    torch.testing.assert_close(ours, _dpmpp_2m_vp(exact, latents, t_steps), rtol=1e-10, atol=1e-10)
+
+    # The probability-flow ODE of N(μ, s²) data is solved exactly by x(σ) = μ + (x(σ_0) − μ)·sqrt((s² + σ²)/(s² + σ_0²)).
+    def error(solver, n):
+        t = samplers.edm_time_steps(n, 0.002, 80, 7)
+        x = solvers._integrate(exact, latents, t, None, lambda v: v, 0, 0, float('inf'), 1, solver)
+        truth = mu + (latents * 80 - mu) * ((s ** 2 + 0.002 ** 2) / (s ** 2 + 80 ** 2)) ** 0.5
+        truth = exact(truth, 0.002)  # the last step denoises at σ_min
+        return float((x - truth).abs().max())
+    e2m = [error('dpmpp2m', n) for n in (16, 32, 64)]
+    eul = [error('euler', n) for n in (16, 32, 64)]
+    assert e2m[0] / e2m[1] > 3 and e2m[1] / e2m[2] > 3  # second order: halving the step quarters the error
+    assert eul[1] / eul[2] < 2.5 and all(a < b for a, b in zip(e2m, eul))
+
+
+def test_dpmpp_2m_in_samplers_and_its_refusals():
+    torch.manual_seed(0)
+    net = EDMPrecond(8, 1, model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    latents = torch.randn(2, 1, 8, 8)
+    calls = []
+    counted = lambda x, sigma, labels=None: calls.append(1) or net(x, sigma, labels)  # noqa: E731
+    counted.sigma_min, counted.sigma_max = 0, float('inf')
+    out = samplers.edm_sampler(counted, latents, num_steps=7, solver='dpmpp2m')
+    assert len(calls) == 7 and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match='takes no churn'):
+        samplers.edm_sampler(net, latents, num_steps=4, solver='dpmpp2m', S_churn=1)
+    with pytest.raises(ValueError, match='multistep'):
+        solvers.solver_step(lambda x, t: x, latents.double(), torch.tensor(1.0), torch.tensor(0.5), 'dpmpp2m')

@@ -73,7 +73,7 @@ sampler_options = _options(
     click.option('--S_min', 'S_min',   help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True),
     click.option('--S_max', 'S_max',   help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True),
     click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True),
-    click.option('--solver',           help='heun, euler (EDM ODE), ddim (DDIM with --eta), ddpm (ancestral) or vdm (VDM\'s ancestral sampler over its schedule, --steps=T; VDM networks)', type=click.Choice(['heun', 'euler', 'ddim', 'ddpm', 'vdm']), default='heun', show_default=True),
+    click.option('--solver',           help='heun, euler (EDM ODE), dpmpp2m (DPM-Solver++(2M): the same ODE, second order at one evaluation per step), ddim (DDIM with --eta), ddpm (ancestral) or vdm (VDM\'s ancestral sampler over its schedule, --steps=T; VDM networks)', type=click.Choice(['heun', 'euler', 'dpmpp2m', 'ddim', 'ddpm', 'vdm']), default='heun', show_default=True),
     click.option('--eta',              help='DDIM η: 0 deterministic (Euler), 1 DDPM-like (--solver=ddim)', metavar='FLOAT', type=click.FloatRange(0, 1), default=0, show_default=True),
     click.option('--ddpm_variance',    help='DDPM step variance: beta_tilde (posterior) or beta (--solver=ddpm)', type=click.Choice(['beta_tilde', 'beta']), default='beta_tilde', show_default=True),
     click.option('--cfg_scale',        help='Classifier-free guidance w: D = D_uncond + w·(D_cond − D_uncond) (class-conditional networks trained with --label_dropout)', metavar='FLOAT', type=click.FloatRange(min=0)),
@@ -155,8 +155,8 @@ def guidance_rules(opts):
               '--num_masks > 1 and --guidance_scale > 0' + (' or --dps_scale > 0' if 'dps_scale' in opts else ''))]
     rules += [('eta', opts.get('solver') != 'ddim', 'η is the noise of DDIM steps; add --solver=ddim'),
               ('ddpm_variance', opts.get('solver') != 'ddpm', 'it is the variance of DDPM steps; add --solver=ddpm'),
-              ('S_churn', opts.get('solver') in ('ddim', 'ddpm', 'vdm') and opts.get('S_churn', 0) > 0,
-               f'--solver={opts.get("solver")} draws its own noise; churn applies to heun and euler')]
+              ('S_churn', opts.get('solver') in ('ddim', 'ddpm', 'vdm', 'dpmpp2m') and opts.get('S_churn', 0) > 0,
+               f'--solver={opts.get("solver")} takes no churn; churn applies to heun and euler')]
     if 'resample_guidance_masks' in opts:
         rules.append(('resample_guidance_masks', not opts.resample_guidance_masks or opts.num_masks == 1
                       or opts.guidance_scale == 0, 'there are no guidance masks without --num_masks > 1 and --guidance_scale > 0'))

@@ -43,8 +43,9 @@ import torch
 import dnnlib
 from torch_utils.ambient_diffusion import MaskCorruption
 from torch_utils.misc import StackedRandomGenerator
-from training.solvers import (ANCESTRAL, DDPM_VARIANCES, SOLVERS, _check_int, _integrate, _round_sigma, _t_hat,  # noqa: F401
-                              ddim_step, edm_time_steps, initial_state, sampling_time_steps, solver_step)
+from training.solvers import (ANCESTRAL, DDPM_VARIANCES, MULTISTEP, SOLVERS, _check_int, _integrate, _round_sigma,  # noqa: F401
+                              _t_hat, ddim_step, dpmpp_2m_step, edm_time_steps, initial_state, sampling_time_steps,
+                              solver_step)
 
 GUIDANCE_UNITS = ('ours', 'original')
 CLIPPING_MODES = ('none', 'static', 'dynamic')
@@ -77,9 +78,9 @@ def check_sampler_args(net=None, ambient=None, latents=None, masks=None, **optio
     o = dnnlib.EasyDict(options)
     if 'solver' in o and o.solver not in SOLVERS:
         raise ValueError(f'solver={o.solver!r} is unknown; pass one of {", ".join(SOLVERS)}')
-    if o.get('solver') in ANCESTRAL and o.get('S_churn', 0) > 0:
-        raise ValueError(f'solver={o.solver!r} adds its own noise (eta, the DDPM variance); S_churn applies to the '
-                         'euler and heun solvers')
+    if o.get('solver') in ANCESTRAL + MULTISTEP and o.get('S_churn', 0) > 0:
+        raise ValueError(f'solver={o.solver!r} takes no churn (ancestral solvers add their own noise, multistep ones '
+                         'reuse the previous step); S_churn applies to the euler and heun solvers')
     if o.get('solver') == 'vdm' and net is not None and not hasattr(net, 'schedule'):
         raise ValueError('solver=\'vdm\' steps through a VDM network\'s own schedule γ(t); this network has none '
                          '(train one with --precond=vdm, or use heun, euler, ddim or ddpm)')

@@ -5,6 +5,8 @@ A solver integrates from latents with a denoiser `denoise(x, t) -> D` (float64) 
 - 'euler', 'heun': EDM's Algorithm 2 (Karras et al. 2022), with churn; Heun costs 2N − 1 evaluations.
 - 'ddim' (η), 'ddpm' (β̃ or β): `ddim_step`, one evaluation per step; 'vdm': VDM's ancestral step on a VDM
   network's own schedule (`vdm.sampling_sigmas`), the same posterior step between its levels.
+- 'dpmpp2m': DPM-Solver++(2M) (Lu et al. 2022), a second-order multistep solver of the same ODE as Euler and
+  Heun at one evaluation per step (`dpmpp_2m_step`).
 """
 
 import math
@@ -14,8 +16,9 @@ import torch
 
 from training import vdm
 
-SOLVERS = ('euler', 'heun', 'ddim', 'ddpm', 'vdm')
+SOLVERS = ('euler', 'heun', 'ddim', 'ddpm', 'vdm', 'dpmpp2m')
 ANCESTRAL = ('ddim', 'ddpm', 'vdm')  # one network evaluation per step (`ddim_step`), no churn
+MULTISTEP = ('dpmpp2m',)  # one evaluation per step, reusing the previous step's D; no churn
 DDPM_VARIANCES = ('beta_tilde', 'beta')
 
 
@@ -96,10 +99,30 @@ def ddim_step(x_cur, D, t_cur, t_next, eta=0.0, variance='beta_tilde', randn_lik
     return x_next + s * randn_like(x_cur) if eta > 0 else x_next
 
 
+def dpmpp_2m_step(x_cur, D, D_prev, t_prev, t_cur, t_next):
+    """One DPM-Solver++(2M) step (Lu et al. 2022, "DPM-Solver++", Alg. 2) in σ-form, where α = 1 and λ = −log σ.
+
+    With h = log(t_cur/t_next) and r = log(t_prev/t_cur)/h, D̃ = (1 + 1/(2r))·D − (1/(2r))·D_prev (D alone on the
+    first step, D_prev None), and x' = (t_next/t_cur)·x + (1 − t_next/t_cur)·D̃: the paper's
+    x_t = (σ_t/σ_s)·x_s − α_t(e^{−h} − 1)·D̃ with α = 1. The step to t_next = 0 returns D (first order there).
+    """
+    if t_next == 0:
+        return D
+    D_tilde = D
+    if D_prev is not None:
+        r = torch.log(t_prev / t_cur) / torch.log(t_cur / t_next)
+        D_tilde = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
+    return (t_next / t_cur) * x_cur + (1 - t_next / t_cur) * D_tilde
+
+
 def solver_step(denoise, x_cur, t_cur, t_next, solver='heun', eta=0.0, variance='beta_tilde',
                 randn_like=torch.randn_like):
     """One step from t_cur to t_next < t_cur without churn: Euler or Heun (EDM Algorithm 2; no correction at
-    t_next = 0), or `ddim_step` (solver 'ddim' with η = `eta`, 'ddpm' with `variance`)."""
+    t_next = 0), or `ddim_step` (solver 'ddim' with η = `eta`, 'ddpm' with `variance`). A multistep solver
+    needs the previous step and is refused here."""
+    if solver in MULTISTEP:
+        raise ValueError(f'solver={solver!r} is a multistep solver: it needs the previous step, which replacement and '
+                         'RePaint moves break; use heun, euler, ddim or ddpm with them')
     D = denoise(x_cur, t_cur)
     if solver in ANCESTRAL:
         return ddim_step(x_cur, D, t_cur, t_next, eta if solver == 'ddim' else 1.0,
@@ -118,17 +141,23 @@ def _integrate(denoise, latents, t_steps, randn_like, round_sigma, S_churn, S_mi
 
     `begin_step(i)` runs before the evaluations of step i. Churn noise is drawn at every step when
     S_churn > 0 (also where γ = 0), so the random stream matches EDM's generate.py. solver='ddim' (with `eta`)
-    and 'ddpm' (η = 1, or `variance`='beta') take `ddim_step`s on the same time steps instead: one network
-    evaluation per step.
+    and 'ddpm' (η = 1, or `variance`='beta') take `ddim_step`s on the same time steps instead, and 'dpmpp2m'
+    `dpmpp_2m_step`s: one network evaluation per step.
     """
     num_steps = len(t_steps) - 1
     x_next = initial_state(latents, t_steps, solver)
+    D_prev = None
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):   # 0, ..., N−1
         if begin_step is not None:
             begin_step(i)
         x_cur = x_next
         if solver in ANCESTRAL:
             x_next = solver_step(denoise, x_cur, t_cur, t_next, solver, eta, variance, randn_like)
+            continue
+        if solver in MULTISTEP:
+            D = denoise(x_cur, t_cur)
+            x_next = dpmpp_2m_step(x_cur, D, D_prev, t_steps[i - 1] if i > 0 else None, t_cur, t_next)
+            D_prev = D
             continue
 
         # Increase the noise level temporarily (churn).
