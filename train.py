@@ -369,6 +369,7 @@ def _resolve_resume(resume):
 @click.option('--resume',       help='Continue a run: its directory or a training-state file (an older state branches into a new run directory)', metavar='DIR|PT', type=str)
 @click.option('--check_data',   help='Check every image at start-up: headers (fast), full (decode), none', type=click.Choice(['headers', 'full', 'none']), default='headers', show_default=True)
 @click.option('--allow_data_change', help='Let --resume continue on other data than the run trained on', is_flag=True)
+@click.option('--allow_world_size_change', help='Let --resume continue a run with dropout on another number of processes (its dropout draws then differ from an uninterrupted run)', is_flag=True)
 @click.option('--wandb',        help='Weights & Biases logging',                                 type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True)
 @click.option('--tensorboard',  help='Write tensorboard event files', metavar='BOOL',            type=bool, default=False, show_default=True)
 @click.option('--wandb_id',     help='Continue this wandb run (its id) instead of starting a new one', metavar='STR', type=str)
@@ -430,8 +431,9 @@ def train(opts, given=()):
             raise ConfigError(f'--seed={opts.seed} differs from the run\'s seed {state["config"]["seed"]}: a resume keeps its '
                               'seed (every draw is keyed by it); drop --seed')
         opts.seed = state['config']['seed']
-    elif opts.allow_data_change:
-        raise ConfigError('--allow_data_change only applies with --resume')
+    elif opts.allow_data_change or opts.get('allow_world_size_change'):
+        raise ConfigError(f'--{"allow_data_change" if opts.allow_data_change else "allow_world_size_change"} only '
+                          'applies with --resume')
     if opts.seed is None:
         opts.seed = int(dist.broadcast(torch.tensor(secrets.randbelow(1 << 31), dtype=torch.int64)).item())
 
@@ -442,7 +444,7 @@ def train(opts, given=()):
     if opts.transfer is not None:
         training_loop.check_transfer(opts.transfer, c.network_kwargs, dataset_obj)  # before any directory is made
     if state is not None:
-        _check_resume(state, resume_state, c, opts)
+        _check_resume(state, resume_state, c, opts, world_size)
     del state  # the loop loads what it needs; a whole state (weights, Adam moments) must not stay in memory
     c.run_dir, in_place = _choose_run_dir(opts, dataset_obj.name, world_size, resume_state)
     _print_summary(c, opts, world_size, resume_state, in_place)
@@ -521,8 +523,15 @@ def check_architecture(network_kwargs, resolution):
                           f'of the network (its levels are {",".join(map(str, level_resolutions))})')
 
 
-def _check_resume(state, path, c, opts):
-    """A resume must continue the run: not past its end, and on the data it trained on (unless allowed)."""
+def _check_resume(state, path, c, opts, world_size=1):
+    """A resume must continue the run: not past its end, on the data it trained on (unless allowed), and exactly
+    on another number of processes (refused where dropout draws come from each process's RNG, unless allowed)."""
+    saved_world = len(state.get('rng') or [])
+    process_rng = c.network_kwargs.get('dropout', 0) > 0 or c.network_kwargs.get('label_dropout', 0) > 0
+    if saved_world and saved_world != world_size and process_rng and not opts.get('allow_world_size_change'):
+        raise ConfigError(f'cannot resume {path} exactly: it trained on {saved_world} processes and its dropout draws '
+                          f'come from each process\'s RNG, now {world_size}; resume on {saved_world} processes, or pass '
+                          '--allow_world_size_change to continue with new dropout draws')
     if state['cur_nimg'] >= c.total_kimg * 1000:
         raise ConfigError(f'{path} is already at {state["cur_nimg"] / 1000:g} kimg, the end of --duration='
                           f'{opts.duration:g} Mimg; pass a longer --duration to train further')
