@@ -45,6 +45,18 @@ class ConfigError(click.ClickException):
     """An inconsistent set of options; the message names the options and the fix."""
 
 
+def _precision(value):
+    """--fp16's value: False, True (float16) or 'bf16'."""
+    text = str(value).strip().lower()
+    if text in ('false', '0', 'no', 'off'):
+        return False
+    if text in ('true', '1', 'yes', 'on', 'fp16'):
+        return True
+    if text == 'bf16':
+        return 'bf16'
+    raise click.BadParameter(f'{value!r}: pass False, True (float16), fp16 or bf16', param_hint='--fp16')
+
+
 def _network_kwargs(opts):
     precond_class = {'ambient': 'EDMPrecond', 'edm': 'EDMPrecond', 'ambient_vp': 'VPPrecond', 'vp': 'VPPrecond',
         've': 'VEPrecond', 'ambient_noisy': 'EDMPrecond', 'ambient_noisy_vp': 'VPPrecond', 'ddpm': 'DDPMPrecond',
@@ -168,6 +180,7 @@ def build_config(opts, world_size=1):
         ema_halflife_kimg=opts.ema * 1000, lr_rampup_kimg=opts.lr_rampup, loss_scaling=opts.ls,
         max_grad_norm=opts.max_grad_norm, kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump,
         cudnn_benchmark=opts.bench, deterministic=opts.deterministic, compile=opts.compile, wandb_mode=opts.wandb,
+        channels_last=opts.get('channels_last', False),
         tensorboard=opts.tensorboard)
     if opts.wandb != 'off':
         c.wandb_kwargs = dnnlib.EasyDict(project='ambient_diffusion', name=opts.experiment_name)
@@ -276,7 +289,7 @@ def _check_noisy_options(opts):
 def run_dir_name(outdir, dataset_name, opts, world_size):
     """EDM's run directory: NNNNN-<dataset>-<cond>-<arch>-<precond>-gpus<N>-batch<B>-<fp>[-desc]."""
     desc = (f'{dataset_name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-gpus{world_size}'
-            f'-batch{opts.batch}-{"fp16" if opts.fp16 else "fp32"}')
+            f'-batch{opts.batch}-{"bf16" if opts.fp16 == "bf16" else "fp16" if opts.fp16 else "fp32"}')
     if opts.desc is not None or opts.get('experiment_name') is not None:
         desc += f'-{opts.desc or opts.experiment_name}'
     ids = [int(m.group()) for m in (re.match(r'^\d+', x) for x in (os.listdir(outdir) if os.path.isdir(outdir) else [])) if m]
@@ -351,7 +364,8 @@ def _resolve_resume(resume):
 @click.option('--xflip',        help='Enable dataset x-flips', metavar='BOOL',                   type=bool, default=False, show_default=True)
 @click.option('--max_size',     help='Train on a seeded subset of this many images', metavar='INT', type=click.IntRange(min=1))
 # Performance-related.
-@click.option('--fp16',         help='Mixed precision (CUDA only)', metavar='BOOL',              type=bool, default=False, show_default=True)
+@click.option('--fp16',         help='Mixed precision (CUDA only): True/fp16 (float16) or bf16 (bfloat16)', metavar='BOOL|bf16', type=str, default='False', show_default=True, callback=lambda c, p, v: _precision(v))
+@click.option('--channels_last', help='Channels-last memory format for the network and its activations', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--ls',           help='Loss scaling', metavar='FLOAT',                            type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench',        help='Enable cuDNN benchmarking', metavar='BOOL',                type=bool, default=True, show_default=True)
 @click.option('--cache',        help='Cache dataset in CPU memory', metavar='BOOL',              type=bool, default=True, show_default=True)

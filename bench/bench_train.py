@@ -10,10 +10,17 @@ Configs are train.py command lines, turned into the network, loss and optimizer 
   small     the original's small gated config (cbase 32, cres 1,2,2,2), RGB 32x32, batch 8
   demo      the `make demo` config (see demo.py), grayscale 16x16
 Variants:
-  eager     our network as train.py builds it (fused gated convolutions, sigmoid gate, C outputs)
-  compiled  the same under torch.compile (train.py --compile=True)
-  original  the original's formulation on the same machine: double-sigmoid gate computed with two separate
-            convolutions, 2C outputs, and torch.compile, which the original always applies
+  eager          our network as train.py builds it (fused gated convolutions, sigmoid gate, C outputs), with
+                 train.py's multi-tensor EMA update
+  channels_last  the same in channels-last memory format (train.py --channels_last=True)
+  compiled       eager under torch.compile (train.py --compile=True)
+  compiled_cl    channels_last under torch.compile
+  original       the original's formulation on the same machine: double-sigmoid gate computed with two separate
+                 convolutions, 2C outputs, a per-parameter EMA loop, and torch.compile, which the original always
+                 applies
+  original_eager the original's formulation without torch.compile (the eager yardstick)
+--flops also counts the floating-point operations of a step (torch.utils.flop_counter) and reports TFLOP/s and
+its share of the device's measured matmul rate (float32, or bfloat16 with --fp16=bf16): the GPU-ready mode.
 The first step of a compiled variant includes compilation; inductor caches its kernels on disk
 (TORCHINDUCTOR_CACHE_DIR), so a rerun on the same machine compiles in seconds. `first s` shows it.
 Data are random images with dust masks (p = 0.6, δ = 0.1), so the step cost excludes image decoding.
@@ -49,28 +56,47 @@ def _config_args(name):
     return CONFIGS[name]
 
 
-VARIANTS = ('eager', 'compiled', 'original')
+VARIANTS = ('eager', 'channels_last', 'compiled', 'compiled_cl', 'original', 'original_eager')
 
 
-def measure(name, variant, device, steps, warmup, threads, fp16):
+def matmul_rate(device, dtype, n=4096, repeats=10):
+    """The device's measured matmul rate (FLOP/s) for n x n matrices of `dtype`."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+
+
+def measure(name, variant, device, steps, warmup, threads, fp16, flops=False):
     import dnnlib
     import train
     from bench.bench_network import separate_gate_convolutions
     from torch_utils.ambient_diffusion import MaskCorruption
+    from training.training_loop import _update_ema
     torch.set_num_threads(threads)
     args, channels, batch, resolution = _config_args(name)
-    if variant == 'original':
+    original = variant.startswith('original')
+    if original:
         args = [*args, '--gate=double_sigmoid']
     ctx = train.main.make_context('train', ['--outdir=unused', '--data=unused', f'--batch={batch}', f'--fp16={fp16}',
                                             '--augment=0', *args])
     c = train.build_config(dnnlib.EasyDict(ctx.params))
     device = torch.device(device)
     kw = dict(c.network_kwargs, img_resolution=resolution, img_channels=2 * channels, label_dim=0)
-    if variant == 'original':
+    if original:
         kw['out_channels'] = 2 * channels
     net = dnnlib.util.construct_class_by_name(**kw).train().to(device)
-    model = torch.compile(net) if variant in ('compiled', 'original') else net
     ema = dnnlib.util.construct_class_by_name(**kw).eval().requires_grad_(False).to(device)
+    if variant in ('channels_last', 'compiled_cl'):
+        net.to(memory_format=torch.channels_last)
+        ema.to(memory_format=torch.channels_last)
+    model = torch.compile(net) if variant in ('compiled', 'compiled_cl', 'original') else net
     loss_fn = dnnlib.util.construct_class_by_name(**c.loss_kwargs)
     opt = dnnlib.util.construct_class_by_name(params=net.parameters(), **c.optimizer_kwargs)
     g = torch.Generator().manual_seed(0)
@@ -86,12 +112,16 @@ def measure(name, variant, device, steps, warmup, threads, fp16):
         loss, _ = loss_fn(net=model, observation=A * x0, mask=A, hat_mask=A_hat, generator=gen)
         loss.sum().backward()
         opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 0.001)
+        if original:  # EDM's per-parameter EMA loop
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), net.parameters()):
+                    p_ema.copy_(p.detach().lerp(p_ema, 0.999))
+        else:
+            _update_ema(ema, net, cur_nimg=10 ** 6, batch_size=batch, ema_halflife_kimg=500, ema_rampup_ratio=None)
 
     times = []
-    with separate_gate_convolutions() if variant == 'original' else contextlib.nullcontext():
+    count = None
+    with separate_gate_convolutions() if original else contextlib.nullcontext():
         for i in range(1 + warmup + steps):
             if device.type == 'cuda':
                 torch.cuda.synchronize()
@@ -100,14 +130,24 @@ def measure(name, variant, device, steps, warmup, threads, fp16):
             if device.type == 'cuda':
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+        if flops:
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False) as counter:
+                step()
+            count = counter.get_total_flops()
     first, times = times[0], times[1 + warmup:]
     if device.type == 'cuda':
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     params = sum(p.numel() for p in net.parameters())
-    return dict(config=name, variant=variant, params=params, batch=batch, img_s=batch / statistics.median(times),
-                sec_step=statistics.median(times), first=first, peak_gib=peak / 2**30)
+    result = dict(config=name, variant=variant, params=params, batch=batch, img_s=batch / statistics.median(times),
+                  sec_step=statistics.median(times), first=first, peak_gib=peak / 2**30)
+    if count is not None:
+        dtype = torch.bfloat16 if fp16 == 'bf16' and device.type == 'cuda' else (
+            torch.float16 if fp16 and device.type == 'cuda' else torch.float32)
+        result.update(tflops=count / result['sec_step'] / 1e12, peak_tflops=matmul_rate(device, dtype) / 1e12)
+    return result
 
 
 
@@ -119,8 +159,9 @@ def measure(name, variant, device, steps, warmup, threads, fp16):
 @click.option('--steps', help='Timed optimizer steps', type=click.IntRange(min=1), default=5, show_default=True)
 @click.option('--warmup', help='Untimed steps first', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--threads', help='torch threads', type=click.IntRange(min=1), default=os.cpu_count(), show_default=True)
-@click.option('--fp16', help='Mixed precision (CUDA only)', type=bool, default=False, show_default=True)
-def main(configs, variants, device, steps, warmup, threads, fp16):
+@click.option('--fp16', help='Mixed precision (CUDA only): False, True/fp16 or bf16', type=click.Choice(['False', 'True', 'fp16', 'bf16']), default='False', show_default=True)
+@click.option('--flops', help='Also report TFLOP/s and the share of the measured matmul rate', is_flag=True)
+def main(configs, variants, device, steps, warmup, threads, fp16, flops):
     """Print a table of training images/s and peak memory."""
     names = [c for c in configs.split(',') if c]
     unknown = [n for n in names if n not in CONFIGS]
@@ -130,18 +171,20 @@ def main(configs, variants, device, steps, warmup, threads, fp16):
     unknown = [v for v in kinds if v not in VARIANTS]
     if unknown or not kinds:
         raise click.BadParameter(f'variants={variants!r}; choose from {",".join(VARIANTS)}', param_hint='--variants')
+    fp16 = {'False': False, 'True': True, 'fp16': True, 'bf16': 'bf16'}[fp16]
     print(f'device={device} threads={threads} steps={steps} warmup={warmup} fp16={fp16}')
-    print(f'{"config":<10} {"variant":<9} {"params":>10} {"batch":>5} {"img/s":>8} {"s/step":>8} {"first s":>8} '
+    print(f'{"config":<10} {"variant":<14} {"params":>10} {"batch":>5} {"img/s":>8} {"s/step":>8} {"first s":>8} '
           f'{"peak GiB":>9}')
     for name in names:
         for variant in kinds:
             r = run_isolated(measure, name=name, variant=variant, device=device, steps=steps, warmup=warmup,
-                             threads=threads, fp16=fp16)
+                             threads=threads, fp16=fp16, flops=flops)
             if 'error' in r:
-                print(f'{name:<10} {variant:<9} error: {r["error"]}')
+                print(f'{name:<10} {variant:<14} error: {r["error"]}')
                 continue
-            print(f'{r["config"]:<10} {r["variant"]:<9} {r["params"] / 1e6:>9.2f}M {r["batch"]:>5} {r["img_s"]:>8.2f} '
-                  f'{r["sec_step"]:>8.3f} {r["first"]:>8.1f} {r["peak_gib"]:>9.2f}')
+            extra = f' {r["tflops"]:>8.3f} TFLOP/s = {r["tflops"] / r["peak_tflops"]:.0%} of {r["peak_tflops"]:.2f}' if flops else ''
+            print(f'{r["config"]:<10} {r["variant"]:<14} {r["params"] / 1e6:>9.2f}M {r["batch"]:>5} {r["img_s"]:>8.2f} '
+                  f'{r["sec_step"]:>8.3f} {r["first"]:>8.1f} {r["peak_gib"]:>9.2f}{extra}', flush=True)
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 """The likelihood bench: VDM on the built-in digits, a fixed against a learned noise schedule, against generic
 lossless compressors and an EDM model scored through the same bound.
 
-    python bench/bench_vdm.py                  # about 25 minutes on 2 CPU cores
+    python bench/bench_vdm.py                  # about 15 minutes on 2 CPU cores
     python bench/bench_vdm.py --kimg=3 --num_test=100 --repeats=10 --samples=32   # a quick look
 
 On the digits (16x16, 8-bit, the science bench's train/test split) the same network and budget (demo.py's

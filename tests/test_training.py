@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -387,3 +388,41 @@ def test_loss_must_fit_the_network():
     training_loop.check_loss_fits_network(AmbientLoss(hidden_precond='mask_aware'), net)
     with pytest.raises(ValueError, match="loss_kwargs.hidden_precond='original' differs"):
         training_loop.check_loss_fits_network(AmbientLoss(), net)
+
+
+def test_ema_update_is_the_half_life_average_and_copies_buffers():
+    """EDM's EMA: β = 0.5^(batch/half-life in images) (half-life ramped to cur_nimg·ratio); ema ← β·ema + (1 − β)·net."""
+    from training.training_loop import _update_ema
+    torch.manual_seed(0)
+    net, ema = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        for p in (*net.parameters(), *ema.parameters()):
+            p.normal_()
+    net.running_mean.normal_()
+    before = [p.detach().double().clone() for p in ema.parameters()]
+    _update_ema(ema, net, cur_nimg=1000, batch_size=64, ema_halflife_kimg=0.5, ema_rampup_ratio=0.05)
+    beta = 0.5 ** (64 / min(500, 1000 * 0.05))
+    for old, p_ema, p_net in zip(before, ema.parameters(), net.parameters()):
+        torch.testing.assert_close(p_ema.double(), beta * old + (1 - beta) * p_net.double(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(ema.running_mean, net.running_mean)
+
+
+def test_channels_last_trains_the_same_weights(tmp_path, data):
+    """--channels_last changes the memory layout only: the same steps give the same weights (up to kernel rounding)."""
+    common = ['--data', data, '--seed=3', '--nosubdir', *TINY, steps(3), '--tick=0.008', '--snap=1']
+    run(['--outdir', tmp_path / 'plain', *common])
+    run(['--outdir', tmp_path / 'cl', '--channels_last=True', *common])
+    a, b = _final_ema(tmp_path / 'plain'), _final_ema(tmp_path / 'cl')
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert json.load(open(tmp_path / 'cl' / 'training_options.json'))['channels_last'] is True
+
+
+def test_fp16_option_values():
+    from conftest import train_options
+    base = ['--outdir=unused', '--data=unused']
+    for value, expected in (('False', False), ('True', True), ('fp16', True), ('bf16', 'bf16')):
+        assert train.build_config(train_options(base + [f'--fp16={value}'])).network_kwargs.use_fp16 == expected
+    with pytest.raises(click.BadParameter, match='bf16'):
+        train_options(base + ['--fp16=int8'])

@@ -123,6 +123,7 @@ def training_loop(
     cudnn_benchmark     = True,     # torch.backends.cudnn.benchmark (ignored when deterministic).
     deterministic       = False,    # Deterministic kernels (bitwise-reproducible resumes on CPU).
     compile             = False,    # torch.compile the network.
+    channels_last       = False,    # Weights (and so activations) in channels-last memory format.
     wandb_mode          = 'off',    # off | offline | online.
     wandb_kwargs        = {},       # Extra wandb.init arguments (project, name, ...).
     tensorboard         = False,    # Also write tensorboard event files.
@@ -138,6 +139,8 @@ def training_loop(
         loss_kwargs=loss_kwargs, augment_kwargs=augment_kwargs, optimizer_kwargs=optimizer_kwargs,
         batch_size=batch_size, seed=seed)))
     dataset_obj, net, loss_fn, augment_pipe, optimizer = _construct(config, batch_gpu, device)
+    if channels_last:  # a convolution with channels-last weights returns channels-last activations
+        net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
 
     # Where the run starts: from scratch, from a transferred network, or from a training state.
@@ -435,11 +438,9 @@ def _update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ra
     if ema_rampup_ratio is not None:
         ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
     ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-    with torch.no_grad():
-        for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-            p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
-        for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-            b_ema.copy_(b_net)
+    with torch.no_grad():  # one multi-tensor kernel: ema ← ema + (1 − β)(net − ema)
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - ema_beta)
+        torch._foreach_copy_(list(ema.buffers()), list(net.buffers()))
 
 
 def _status_line(run, tick, total_sec, tick_end_time, device):
