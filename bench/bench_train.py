@@ -73,7 +73,7 @@ def matmul_rate(device, dtype, n=4096, repeats=10):
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
 
 
-def measure(name, variant, device, steps, warmup, threads, fp16, flops=False):
+def measure(name, variant, device, steps, warmup, threads, fp16, flops=False, profile=False):
     import dnnlib
     import train
     from bench.bench_network import separate_gate_convolutions
@@ -130,6 +130,12 @@ def measure(name, variant, device, steps, warmup, threads, fp16, flops=False):
             if device.type == 'cuda':
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                step()
+            print(f'--- {name} {variant}: one step, top operators by self time', flush=True)
+            print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=12, max_name_column_width=40),
+                  flush=True)
         if flops:
             from torch.utils.flop_counter import FlopCounterMode
             with FlopCounterMode(display=False) as counter:
@@ -161,7 +167,9 @@ def measure(name, variant, device, steps, warmup, threads, fp16, flops=False):
 @click.option('--threads', help='torch threads', type=click.IntRange(min=1), default=os.cpu_count(), show_default=True)
 @click.option('--fp16', help='Mixed precision (CUDA only): False, True/fp16 or bf16', type=click.Choice(['False', 'True', 'fp16', 'bf16']), default='False', show_default=True)
 @click.option('--flops', help='Also report TFLOP/s and the share of the measured matmul rate', is_flag=True)
-def main(configs, variants, device, steps, warmup, threads, fp16, flops):
+@click.option('--profile', help='Also print torch.profiler\'s top operators of one step per variant', is_flag=True)
+@click.option('--rounds', help='Measure the variants this many times, alternating (medians per variant)', type=click.IntRange(min=1), default=1, show_default=True)
+def main(configs, variants, device, steps, warmup, threads, fp16, flops, profile, rounds):
     """Print a table of training images/s and peak memory."""
     names = [c for c in configs.split(',') if c]
     unknown = [n for n in names if n not in CONFIGS]
@@ -175,16 +183,30 @@ def main(configs, variants, device, steps, warmup, threads, fp16, flops):
     print(f'device={device} threads={threads} steps={steps} warmup={warmup} fp16={fp16}')
     print(f'{"config":<10} {"variant":<14} {"params":>10} {"batch":>5} {"img/s":>8} {"s/step":>8} {"first s":>8} '
           f'{"peak GiB":>9}')
+    def show(r):
+        extra = f' {r["tflops"]:>8.3f} TFLOP/s = {r["tflops"] / r["peak_tflops"]:.0%} of {r["peak_tflops"]:.2f}' if flops else ''
+        print(f'{r["config"]:<10} {r["variant"]:<14} {r["params"] / 1e6:>9.2f}M {r["batch"]:>5} {r["img_s"]:>8.2f} '
+              f'{r["sec_step"]:>8.3f} {r["first"]:>8.1f} {r["peak_gib"]:>9.2f}{extra}', flush=True)
+
     for name in names:
-        for variant in kinds:
-            r = run_isolated(measure, name=name, variant=variant, device=device, steps=steps, warmup=warmup,
-                             threads=threads, fp16=fp16, flops=flops)
-            if 'error' in r:
-                print(f'{name:<10} {variant:<14} error: {r["error"]}')
-                continue
-            extra = f' {r["tflops"]:>8.3f} TFLOP/s = {r["tflops"] / r["peak_tflops"]:.0%} of {r["peak_tflops"]:.2f}' if flops else ''
-            print(f'{r["config"]:<10} {r["variant"]:<14} {r["params"] / 1e6:>9.2f}M {r["batch"]:>5} {r["img_s"]:>8.2f} '
-                  f'{r["sec_step"]:>8.3f} {r["first"]:>8.1f} {r["peak_gib"]:>9.2f}{extra}', flush=True)
+        results = {variant: [] for variant in kinds}
+        for _ in range(rounds):  # alternating rounds: drift of the machine hits every variant alike
+            for variant in kinds:
+                r = run_isolated(measure, name=name, variant=variant, device=device, steps=steps, warmup=warmup,
+                                 threads=threads, fp16=fp16, flops=flops, profile=profile)
+                if 'error' in r:
+                    print(f'{name:<10} {variant:<14} error: {r["error"]}')
+                    continue
+                results[variant].append(r)
+                if rounds > 1:
+                    print('  round: ', end='')
+                show(r)
+        if rounds > 1:
+            print(f'medians of {rounds} alternating rounds:')
+            for variant, rows in results.items():
+                if rows:
+                    best = dict(rows[0], **{key: statistics.median(r[key] for r in rows) for key in ('img_s', 'sec_step', 'peak_gib')})
+                    show(best)
 
 
 if __name__ == '__main__':
