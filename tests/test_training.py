@@ -407,6 +407,7 @@ def test_ema_update_is_the_half_life_average_and_copies_buffers():
     assert torch.equal(ema.running_mean, net.running_mean)
 
 
+@pytest.mark.slow  # two short runs
 def test_channels_last_trains_the_same_weights(tmp_path, data):
     """--channels_last changes the memory layout only: the same steps give the same weights (up to kernel rounding)."""
     common = ['--data', data, '--seed=3', '--nosubdir', *TINY, steps(3), '--tick=0.008', '--snap=1']

@@ -91,6 +91,7 @@ def vdm_run(tmp_path_factory, data_zip):
     return out
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_training_logs_each_term_and_trains_the_schedule(vdm_run):
     rows = [json.loads(line) for line in open(vdm_run / 'stats.jsonl')]
     for name in ('vdm/bpd', 'vdm/prior_bpd', 'vdm/reconstruction_bpd', 'vdm/diffusion_bpd'):
@@ -102,6 +103,7 @@ def test_training_logs_each_term_and_trains_the_schedule(vdm_run):
         assert not torch.allclose(state['net'][f'schedule.{name}'], value), name
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_bpd_command(vdm_run, data_zip, tmp_path):
     out = tmp_path / 'bpd'
     args = ['bpd', '--network', str(vdm_run), '--latest', '--data', data_zip, '--outdir', str(out), '--num_t=2',
@@ -132,6 +134,7 @@ def test_bpd_command(vdm_run, data_zip, tmp_path):
     assert_one_line_error(result, '--gamma_min', 'own schedule')
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_bpd_of_edm_networks_and_errors(tmp_path, data_zip):
     run = tmp_path / 'edm'
     args = ['--outdir', run, '--data', data_zip, '--precond=edm', '--corruption_probability=0', '--augment=0', steps(1),
@@ -160,6 +163,7 @@ def test_bpd_of_edm_networks_and_errors(tmp_path, data_zip):
     assert_one_line_error(result, '--solver=vdm', 'schedule')
 
 
+@pytest.mark.slow  # trains a tiny model
 def test_generate_with_the_vdm_solver(vdm_run, tmp_path):
     out = tmp_path / 'gen'
     args = ['generate', '--network', str(vdm_run), '--latest', '--outdir', str(out), '--seeds=0-2', '--solver=vdm',
