@@ -35,7 +35,6 @@ import sys
 import time
 
 import click
-import numpy as np
 import PIL.Image
 import torch
 

@@ -88,3 +88,17 @@ def train_options(args):
     import dnnlib
     import train
     return dnnlib.EasyDict(train.main.make_context('train.py', [str(a) for a in args]).params)
+
+
+def steps(n, batch=4):
+    """train.py's --duration (Mimg) of n optimizer steps of `batch` images."""
+    return f'--duration={n * batch / 1e6}'
+
+
+def assert_one_line_error(result, *needles):
+    """A click result that failed through click (no traceback) with one `Error` line holding every needle."""
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (result.exception, result.output)
+    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and 'Traceback' not in result.output, result.output
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])

@@ -14,15 +14,11 @@ import torch
 from click.testing import CliRunner
 
 import train
-from conftest import REPO, random_images, write_edm_dataset
+from conftest import REPO, random_images, steps, write_edm_dataset
 
 TINY = ['--cbase=8', '--cres=1,2', '--num_blocks=1', '--attn=4', '--batch=4', '--lr=1e-3', '--lr_rampup=0',
         '--workers=0', '--augment=0', '--ema=0', '--precond=ambient', '--corruption_probability=0.4', '--seed=7',
         '--nosubdir', '--tick=0.008', '--snap=1', '--dump=1']
-
-
-def steps(n, batch=4):
-    return f'--duration={n * batch / 1e6}'
 
 
 def free_port():

@@ -26,7 +26,7 @@ from training.loss import (EDMLoss, NoisyAmbientLoss, NoisyAmbientVPLoss, pseudo
                            tweedie_to_lower_noise_vp)
 from training.sigma_first import (NoAdmissibleImage, SigmaFirstSampler, admissibility_buffer, admissible, check_coverage,
                                   uncovered_interval)
-from conftest import REPO, random_images, train_options, write_edm_dataset
+from conftest import REPO, assert_one_line_error, random_images, steps, train_options, write_edm_dataset
 
 NOISY, CORRUPTED = KIND_CODES['noisy'], KIND_CODES['corrupted']
 INF = math.inf
@@ -463,18 +463,6 @@ NOISY_RUN = ['--precond=ambient_noisy', '--noise_sigma=0.3', '--clean_fraction=0
 
 def invoke(args):
     return CliRunner().invoke(train.main, [str(a) for a in args])
-
-
-def steps(n, batch=4):
-    return f'--duration={n * batch / 1e6}'
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (result.exception, result.output)
-    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
-    assert len(errors) == 1 and 'Traceback' not in result.output, result.output
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
 
 
 @pytest.mark.parametrize('args,needles', [

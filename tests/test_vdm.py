@@ -350,7 +350,7 @@ def test_other_networks_epsilon_is_their_denoiser_on_vdm_points():
     mu, s = 0.2, 0.4
     exact_y = lambda y, sigma, labels=None: mu + s ** 2 / (s ** 2 + sigma.reshape(-1, 1, 1, 1) ** 2) * (y - mu)  # noqa: E731
     gamma = torch.tensor([-12.0, -6.0, 0.0, 4.0], dtype=torch.float64)
-    alpha, sigma_vp = torch.sigmoid(-gamma).sqrt().view(-1, 1, 1, 1), torch.sigmoid(gamma).sqrt().view(-1, 1, 1, 1)
+    alpha = torch.sigmoid(-gamma).sqrt().view(-1, 1, 1, 1)
     z = torch.randn(4, 1, 2, 2, dtype=torch.float64)
     eps = vdm.denoiser_eps(exact_y)(z, gamma)
     c = 255 / 256

@@ -19,22 +19,10 @@ from training import vdm
 from training.networks import VDMPrecond
 from training.snapshots import load_network
 from torch_utils.misc import seeded_generator
-from conftest import REPO, random_images, train_options, write_edm_dataset
+from conftest import REPO, assert_one_line_error, random_images, steps, train_options, write_edm_dataset
 
 TINY = ['--cbase=8', '--cres=1,2', '--num_blocks=1', '--attn=4', '--batch=4', '--lr=1e-3', '--lr_rampup=0',
         '--workers=0', '--dropout=0', '--ema=0.001']
-
-
-def steps(n, batch=4):
-    return f'--duration={n * batch / 1e6}'
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (result.exception, result.output)
-    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
-    assert len(errors) == 1 and 'Traceback' not in result.output, result.output
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
 
 
 @pytest.fixture(scope='module')

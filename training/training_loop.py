@@ -129,8 +129,7 @@ def training_loop(
     tensorboard         = False,    # Also write tensorboard event files.
     device              = None,     # torch device; None = this process's CUDA device if any, else CPU.
 ):
-    start_time = time.time()
-    device = torch.device(device) if device is not None else dist.device()
+    start_time, device = time.time(), (torch.device(device) if device is not None else dist.device())
     rank, world_size = dist.get_rank(), dist.get_world_size()
     _seed_process(seed, rank, deterministic, cudnn_benchmark)
     batch_gpu, num_accumulation_rounds = split_batch(batch_size, batch_gpu, world_size)
@@ -138,9 +137,7 @@ def training_loop(
     config = json.loads(json.dumps(dict(dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs,
         loss_kwargs=loss_kwargs, augment_kwargs=augment_kwargs, optimizer_kwargs=optimizer_kwargs,
         batch_size=batch_size, seed=seed)))
-    dataset_obj, net, loss_fn, augment_pipe, optimizer = _construct(config, batch_gpu, device)
-    if channels_last:  # a convolution with channels-last weights returns channels-last activations
-        net.to(memory_format=torch.channels_last)
+    dataset_obj, net, loss_fn, augment_pipe, optimizer = _construct(config, batch_gpu, device, channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
 
     # Where the run starts: from scratch, from a transferred network, or from a training state.
@@ -232,9 +229,10 @@ def split_batch(batch_size, batch_gpu, world_size):
     return batch_gpu, rounds
 
 
-def _construct(config, batch_gpu, device):
+def _construct(config, batch_gpu, device, channels_last=False):
     """The dataset, network, loss, augmentation pipe and optimizer of a run's config; completes the config with
-    the network's dataset-dependent kwargs and the dataset's corruption."""
+    the network's dataset-dependent kwargs and the dataset's corruption. channels_last: the network's weights in
+    channels-last format (a convolution with channels-last weights returns channels-last activations)."""
     dist.print0('Loading dataset...')
     dataset_obj = dnnlib.util.construct_class_by_name(**config['dataset_kwargs'])
     config['corruption'] = dataset_obj.corruption_config()
@@ -242,6 +240,8 @@ def _construct(config, batch_gpu, device):
         config['corruption'].update(dataset_obj.noise_config())
     dist.print0('Constructing network...')
     net, config['network_kwargs'] = _build_network(config['network_kwargs'], dataset_obj, batch_gpu, device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
     loss_fn = dnnlib.util.construct_class_by_name(**config['loss_kwargs'])
     if config['network_kwargs'].get('ambient', False):
         check_loss_fits_network(loss_fn, net)
