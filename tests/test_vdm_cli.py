@@ -202,3 +202,18 @@ def test_vdm_two_processes_match_one(tmp_path, data_zip):
     la = [json.loads(line)['Loss/vdm/bpd']['mean'] for line in open(tmp_path / 'one' / 'stats.jsonl')]
     lb = [json.loads(line)['Loss/vdm/bpd']['mean'] for line in open(tmp_path / 'two' / 'stats.jsonl')]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+@pytest.mark.slow  # one torchrun launch
+def test_bpd_two_processes_match_one(vdm_run, data_zip, tmp_path):
+    """eval.py bpd splits the images over processes and gathers them: 2 processes write the row 1 process writes."""
+    args = ['eval.py', 'bpd', '--network', str(vdm_run), '--latest', '--data', data_zip, '--num_t=2', '--seeds=0-6']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    subprocess.run([sys.executable] + args + ['--outdir', str(tmp_path / 'one')], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] + args +
+                   ['--outdir', str(tmp_path / 'two')], cwd=REPO, env=env, check=True, capture_output=True)
+    one, two = (json.loads(open(tmp_path / name / 'bpd.jsonl').readline()) for name in ('one', 'two'))
+    for key in one:
+        if key.startswith('bpd_'):
+            assert one[key] == pytest.approx(two[key], rel=1e-6), key
