@@ -98,6 +98,8 @@ def save_class_grid(net, info, seeds, dest, corruption=None, sampler_kwargs={}, 
 def _process_snapshot(path, opts, detector_cache, given=()):
     net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                          allow_unsafe_pickle=opts.allow_unsafe_pickle)
+    if opts.get('compile_net'):
+        net = samplers.compile_for_sampling(net)
     corruption = sampling_corruption(info, opts)
     refuse_ignored(given, [(name, not info.ambient and opts[name] != default, f'{path} is a clean network; it applies '
                             'to ambient ones') for name, default in (('guidance_scale', 0), ('guidance_units', 'ours'),
@@ -202,6 +204,7 @@ def ref(opts):
 @click.option('--subset_seed',      help='Seed of the scored subset when there are more images', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--wandb',            help='Weights & Biases logging of the scores', type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True)
 @click.option('--watch',            help='Keep polling the run directory for new snapshots', is_flag=True)
+@click.option('--compile', 'compile_net', help='torch.compile the network with frozen weights for long generations (the first batch compiles: minutes on CPU)', is_flag=True)
 @click.option('--poll',             help='Seconds between polls with --watch', metavar='SEC', type=click.FloatRange(min=0.1), default=60, show_default=True)
 @detector_options
 @command_body()

@@ -1,7 +1,7 @@
 """Sampler speed: seconds per image and network evaluations of the ambient sampler (training/samplers.py), and
 the solvers compared on the demo model.
 
-    python bench/bench_sampler.py --configs=small --batch=8 --num_masks=1 --threads=1
+    python bench/bench_sampler.py --configs=small --batch=8 --num_masks=1,3 --guidance_scale=0.1 --variants=ours,ours_cl,original --rounds=3
     python bench/bench_sampler.py --configs=small,ddpmpp32 --num_masks=1,3 --guidance_scale=0.5 --device=cuda
     python bench/bench_sampler.py --solvers=ddpm,ddim,euler,heun --steps=5,10,18,35,60 --docs=docs
 
@@ -12,20 +12,26 @@ the demo's classifier). Writes solvers.md, solvers.png (FD vs NFE per solver) an
 same seeds from every solver at one step count, timings in the labels) to --outdir (and --docs).
 
 Networks (random weights: speed does not depend on training), ambient input [image, mask] 2C=6 -> C=3,
-32x32, EDMPrecond + SongUNet (DDPM++), every convolution gated with the original's double sigmoid:
+32x32, EDMPrecond + SongUNet (DDPM++):
   small     the original's small config: model_channels 32, channel_mult [1,2,2,2], 4 blocks, attention at 16
   ddpmpp32  EDM's CIFAR-10 DDPM++: model_channels 128, channel_mult [2,2,2], 4 blocks, attention at 16
-Images come from `generate_batch` (per-seed latents and dust masks, p=0.4, δ=0.1) with EDM's Heun sampler.
-K = 1 runs without autograd; K > 1 uses reconstruction guidance (w = --guidance_scale), K masks in one network
-call per stage. A forward hook counts network calls and the images they process.
-
-Reference: the original's sampler (giannisdaras/ambient-diffusion eval.py) took 3.56 s/image for the small
-config, 18 steps, K = 1 on the project's CPU machine (it backpropagates through the network at every step).
+Variants (--variants), measured side by side in alternating --rounds:
+  ours      `generate_batch` (per-seed latents and dust masks, p=0.4, δ=0.1) with EDM's Heun sampler on our
+            network (single-sigmoid gates from one convolution, C outputs). K = 1 runs without autograd; K > 1
+            uses reconstruction guidance (w = --guidance_scale), K masks in one network call per stage.
+  ours_cl   the same with the network in channels-last memory format
+  ours_compiled  the same under `samplers.compile_for_sampling` (eval.py generate --compile): torch.compile
+            with frozen weights; the warm-up compiles (minutes), the timed runs reuse it
+  original  the original's sampler (`original_sampler`: K network calls per stage on x with requires_grad, the
+            guidance gradient through the network at every stage even when zero) on the original's network
+            formulation (double-sigmoid gates from two convolutions, 2C outputs), same latents and masks
+A forward hook counts network calls and the images they process.
 """
 
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -37,6 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from dnnlib.util import atomic_write  # noqa: E402
 from torch_utils.ambient_diffusion import MaskCorruption  # noqa: E402
+from torch_utils.misc import StackedRandomGenerator  # noqa: E402
 from training import digit_score, networks, samplers, snapshots  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
 
@@ -44,18 +51,51 @@ CONFIGS = {
     'small': dict(model_channels=32, channel_mult=[1, 2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.10),
     'ddpmpp32': dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13),
 }
-ORIGINAL_SMALL_S_PER_IMAGE = 3.56   # original sampler, small config, 18 steps, K = 1, CPU
+VARIANTS = ('ours', 'ours_cl', 'ours_compiled', 'original')
 
 
-def build_net(config, device):
+def build_net(config, device, original=False, channels_last=False):
+    """The config's ambient network: ours (single-sigmoid gates from one convolution, C outputs) or, `original`,
+    the original's formulation (double-sigmoid gates, 2C outputs; sampled under `separate_gate_convolutions`)."""
     torch.manual_seed(0)
     net = networks.EDMPrecond(img_resolution=32, img_channels=6, ambient=True, model_type='SongUNet',
-                              gate='double_sigmoid', **CONFIGS[config])
-    return net.eval().requires_grad_(False).to(device)
+                              gate='double_sigmoid' if original else 'sigmoid', out_channels=6 if original else None,
+                              **CONFIGS[config])
+    net = net.eval().requires_grad_(False).to(device)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
-def run(net, batch, steps, num_masks, guidance_scale, device):
-    """Time one generate_batch call; returns (seconds, network calls, images processed by the network)."""
+def original_sampler(net, latents, masks, num_steps=18, guidance_scale=0.0):
+    """The original's sampler loop (ambient-diffusion eval.py; upstream-behaviour §2.13), for timing: at every
+    Heun stage the K denoisers run as K network calls on x with requires_grad, and the guidance gradient
+    ∇_x[½K·Σ_j‖D_0 − D_j‖²] is taken through the network even when it is zero (K = 1 or λ = 0)."""
+    n, k, c = masks.shape[:3]
+    t_steps = samplers.edm_time_steps(num_steps, 0.002, 80, 7, net=net, device=latents.device)
+
+    def stage(x, t):
+        x = x.detach().requires_grad_(True)
+        D = [net(torch.cat([masks[:, j] * x, masks[:, j]], dim=1), t).to(torch.float64)[:, :c].clamp(-1, 1)
+             for j in range(k)]
+        stacked = torch.stack(D).flatten(1)                                                  # [K, N·C·H·W]
+        loss = 0.5 * k * (stacked[:1] - stacked).square().sum()
+        return D[0].detach(), torch.autograd.grad(loss, x)[0]
+
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        D0, G = stage(x_cur, t_cur)
+        d1 = (t_next - t_cur) * (x_cur - D0) / t_cur - guidance_scale * G
+        x_next = x_cur + d1
+        if i < num_steps - 1:
+            D0, G = stage(x_next, t_next)
+            d2 = (t_next - t_cur) * (x_next - D0) / t_next - guidance_scale * G
+            x_next = x_cur + 0.5 * (d1 + d2)
+    return x_next
+
+
+def run(net, batch, steps, num_masks, guidance_scale, device, original=False):
+    """Time one generate_batch call (or, `original`, the original's sampler on the same latents and masks);
+    returns (seconds, network calls, images processed by the network)."""
     counts = dict(calls=0, rows=0)
 
     def hook(module, args, output):
@@ -68,8 +108,16 @@ def run(net, batch, steps, num_masks, guidance_scale, device):
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        samplers.generate_batch(net, list(range(batch)), corruption=corruption, device=device, num_masks=num_masks,
-                                num_steps=steps, guidance_scale=guidance_scale if num_masks > 1 else 0.0)
+        if original:
+            from bench.bench_network import separate_gate_convolutions
+            rnd = StackedRandomGenerator(device, list(range(batch)))
+            latents = rnd.randn([batch, 3, 32, 32], device=device)
+            masks = samplers.sample_masks(corruption, latents.shape, num_masks, rnd.generators)
+            with separate_gate_convolutions():
+                original_sampler(net, latents, masks, steps, guidance_scale if num_masks > 1 else 0.0)
+        else:
+            samplers.generate_batch(net, list(range(batch)), corruption=corruption, device=device, num_masks=num_masks,
+                                    num_steps=steps, guidance_scale=guidance_scale if num_masks > 1 else 0.0)
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         return time.perf_counter() - start, counts['calls'], counts['rows']
@@ -175,6 +223,8 @@ def _draw_solvers(rows, pictures, solvers, step_counts, dest):
 @click.option('--device',         help='Torch device', metavar='STR',                         type=str, default='cpu', show_default=True)
 @click.option('--threads',        help='torch.set_num_threads', metavar='INT',                type=click.IntRange(min=1), default=None)
 @click.option('--warmup/--no-warmup', help='One untimed 2-step run per network first',        default=True, show_default=True)
+@click.option('--variants',       help='Comma-separated: ours, ours_cl (channels-last), ours_compiled (eval.py generate --compile), original (the original\'s sampler and network formulation)', metavar='LIST', type=str, default='ours,original', show_default=True)
+@click.option('--rounds',         help='Alternating rounds per K (medians)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--solvers',        help='Compare these solvers on the demo model (e.g. ddpm,ddim,euler,heun)', metavar='LIST', type=str)
 @click.option('--network',        help='--solvers: the model', metavar='DIR|PT', type=str, default='demo-out/run-ambient', show_default=True)
 @click.option('--data',           help='--solvers: the reference digits', metavar='ZIP', type=str, default='demo-out/digits.zip', show_default=True)
@@ -183,8 +233,8 @@ def _draw_solvers(rows, pictures, solvers, step_counts, dest):
 @click.option('--eta',            help='--solvers: DDIM η', metavar='FLOAT', type=click.FloatRange(0, 1), default=0, show_default=True)
 @click.option('--outdir',         help='--solvers: where the table and figures go', metavar='DIR', type=str, default='bench-out/solvers', show_default=True)
 @click.option('--docs',           help='--solvers: also copy solvers.md and solvers.png here', metavar='DIR', type=str)
-def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warmup, solvers, network, data, classifier,
-         samples, eta, outdir, docs):
+def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warmup, variants, rounds, solvers, network,
+         data, classifier, samples, eta, outdir, docs):
     """Seconds per image and network evaluations of the ambient sampler; or, with --solvers, the solvers compared."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -202,27 +252,44 @@ def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warm
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         raise click.BadParameter(f'{unknown}: known configs are {", ".join(CONFIGS)}', param_hint='--configs')
+    variants = [v for v in variants.split(',') if v]
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise click.BadParameter(f'{variants}: variants are {", ".join(VARIANTS)}', param_hint='--variants')
     if any(k < 1 for k in num_masks):
         raise click.BadParameter(f'{num_masks}: every K must be >= 1', param_hint='--num_masks')
     device = torch.device(device)
     print(f'torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {batch}, '
           f'{steps} steps')
-    header = f'{"config":<9} {"K":>2} {"w":>5} {"net calls":>9} {"imgs/call":>9} {"NFE/image":>9} {"s/image":>8} {"vs original":>11}'
+    header = (f'{"config":<9} {"variant":<14} {"K":>2} {"w":>5} {"net calls":>9} {"imgs/call":>9} {"NFE/image":>9} '
+              f'{"s/image":>8} {"original/this":>13}')
     print(header)
     print('-' * len(header))
     for name in names:
-        net = build_net(name, device)
-        if warmup:
-            run(net, batch, 2, max(num_masks), guidance_scale, device)
+        nets = {variant: build_net(name, device, original=variant == 'original', channels_last=variant == 'ours_cl')
+                for variant in variants}
+        if 'ours_compiled' in nets:
+            nets['ours_compiled'] = samplers.compile_for_sampling(nets['ours_compiled'])
+        if warmup:  # every K, so that compiled variants compile before the timed runs
+            for variant, net in nets.items():
+                for k in num_masks:
+                    start = time.perf_counter()
+                    run(net, batch, 2, k, guidance_scale, device, original=variant == 'original')
+                    if variant == 'ours_compiled':
+                        print(f'{name} {variant} K={k}: warm-up (compilation) {time.perf_counter() - start:.0f} s', flush=True)
         for k in num_masks:
-            seconds, calls, rows = run(net, batch, steps, k, guidance_scale, device)
+            times = {variant: [] for variant in variants}
+            for _ in range(rounds):  # alternating rounds: the machine's drift hits every variant alike
+                for variant, net in nets.items():
+                    seconds, calls, rows = run(net, batch, steps, k, guidance_scale, device, original=variant == 'original')
+                    times[variant].append((seconds, calls, rows))
             w = guidance_scale if k > 1 else 0.0
-            per_image = seconds / batch
-            compare = ''
-            if name == 'small' and k == 1 and steps == 18 and device.type == 'cpu':
-                compare = f'{ORIGINAL_SMALL_S_PER_IMAGE / per_image:.2f}x faster'
-            print(f'{name:<9} {k:>2} {w:>5.2f} {calls:>9} {rows / calls:>9.0f} {rows / batch:>9.0f} '
-                  f'{per_image:>8.3f} {compare:>11}')
+            reference = statistics.median(t[0] for t in times['original']) / batch if 'original' in times else None
+            for variant, runs in times.items():
+                seconds, calls, rows = statistics.median(t[0] for t in runs), runs[0][1], runs[0][2]
+                per_image = seconds / batch
+                ratio = f'{reference / per_image:.2f}x' if reference is not None else ''
+                print(f'{name:<9} {variant:<14} {k:>2} {w:>5.2f} {calls:>9} {rows / calls:>9.0f} {rows / batch:>9.0f} '
+                      f'{per_image:>8.3f} {ratio:>13}', flush=True)
 
 
 if __name__ == '__main__':

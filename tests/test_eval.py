@@ -227,3 +227,18 @@ def test_denoise_on_annotated_data_scores_only_clean_images(run_dir, tmp_path):
     result = invoke(eval_cli.cli, ['denoise', '--network', run_dir, '--data', data, '--outdir', tmp_path / 'q',
                                    '--seeds=0,2,3', '--latest'], expect_ok=False)
     assert result.exit_code != 0 and 'none of the 3 images of --seeds is clean' in result.output
+
+
+@pytest.mark.slow  # compiles a tiny network (about a minute on 2 CPU cores)
+def test_compiled_generation_writes_the_same_images(run_dir, tmp_path):
+    """eval.py generate --compile (frozen weights) gives the eager images, up to one 8-bit level from float32
+    rounding."""
+    import numpy as np
+    import PIL.Image
+    base = ['generate', '--network', run_dir, '--latest', '--seeds=0-1', '--steps=4']
+    invoke(eval_cli.cli, base + ['--outdir', tmp_path / 'eager'])
+    invoke(eval_cli.cli, base + ['--outdir', tmp_path / 'compiled', '--compile'])
+    for seed in (0, 1):
+        a, b = (np.asarray(PIL.Image.open(next((tmp_path / d).glob(f'*/{seed:06d}.png'))), dtype=np.int16)
+                for d in ('eager', 'compiled'))
+        assert np.abs(a - b).max() <= 1
