@@ -355,7 +355,7 @@ def _resolve_resume(resume):
 @click.option('--lr',           help='Learning rate', metavar='FLOAT',                           type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
 @click.option('--lr_rampup',    help='Learning-rate ramp-up (0 = none)', metavar='KIMG',         type=click.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--weight_decay', help='AdamW weight decay (0 = Adam)', metavar='FLOAT',           type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--max_grad_norm', help='Clip the global gradient norm', metavar='FLOAT',          type=click.FloatRange(min=0, min_open=True))
+@click.option('--max_grad_norm', help='Clip the gradient norm of each parameter group (the network; a learned VDM schedule apart)', metavar='FLOAT',          type=click.FloatRange(min=0, min_open=True))
 @click.option('--ema',          help='EMA half-life', metavar='MIMG',                            type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--label_dropout', help='Zero each image\'s class label with this probability (for classifier-free guidance, eval.py --cfg_scale)', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True), default=0, show_default=True)
 @click.option('--dropout',      help='Dropout probability', metavar='FLOAT',                     type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)

@@ -205,7 +205,8 @@ def main(configs, variants, device, steps, warmup, threads, fp16, flops, profile
             print(f'medians of {rounds} alternating rounds:')
             for variant, rows in results.items():
                 if rows:
-                    best = dict(rows[0], **{key: statistics.median(r[key] for r in rows) for key in ('img_s', 'sec_step', 'peak_gib')})
+                    keys = [k for k in ('img_s', 'sec_step', 'peak_gib', 'first', 'tflops', 'peak_tflops') if k in rows[0]]
+                    best = dict(rows[0], **{key: statistics.median(r[key] for r in rows) for key in keys})
                     show(best)
 
 

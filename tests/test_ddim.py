@@ -412,6 +412,7 @@ def test_generate_with_ddim_and_ddpm(run_dir, tmp_path):
     (['--solver=ddim', '--ddpm_variance=beta'], ['--ddpm_variance', 'ddpm']),
     (['--S_churn=1', '--solver=ddim'], ['--S_churn']),
     (['--S_churn=1', '--solver=ddpm'], ['--S_churn']),
+    (['--S_churn=1', '--solver=dpmpp2m'], ['--S_churn', 'no churn']),
     (['--cfg_scale=2'], ['class-conditional']),
     (['--class_grid=2', '--class=1'], ['--class_grid', '--class']),
     (['--class_grid=2'], ['--class_grid', 'unconditional'])])
@@ -563,3 +564,28 @@ def test_dpmpp_2m_in_samplers_and_its_refusals():
         samplers.edm_sampler(net, latents, num_steps=4, solver='dpmpp2m', S_churn=1)
     with pytest.raises(ValueError, match='multistep'):
         solvers.solver_step(lambda x, t: x, latents.double(), torch.tensor(1.0), torch.tensor(0.5), 'dpmpp2m')
+
+
+def test_dpmpp_2m_on_a_discrete_grid_with_repeated_levels_and_in_the_ambient_sampler():
+    from training.networks import DDPMPrecond
+    torch.manual_seed(0)
+    net = DDPMPrecond(8, 1, T=100, model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1,
+                      attn_resolutions=[]).eval()
+    t_steps = samplers.sampling_time_steps(net, 100, 0.002, 80, 7, 'dpmpp2m')
+    assert (t_steps[1:-1] == t_steps[:-2]).any()  # the rounded grid repeats levels
+    out = samplers.edm_sampler(net, torch.randn(2, 1, 8, 8), num_steps=100, solver='dpmpp2m')
+    assert torch.isfinite(out).all()
+    # A repeated level is no step: x is unchanged, and the next step is first order.
+    x, D = torch.randn(2, 1, 4, 4, dtype=torch.float64), torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    assert torch.equal(solvers.dpmpp_2m_step(x, D, D + 1, one * 2, one, one), x)
+    torch.testing.assert_close(solvers.dpmpp_2m_step(x, D, D + 1, one, one, one / 2),
+                               solvers.dpmpp_2m_step(x, D, None, None, one, one / 2))
+    ambient = EDMPrecond(8, 2, ambient=True, model_type='SongUNet', model_channels=8, channel_mult=[1], num_blocks=1,
+                         attn_resolutions=[]).eval()
+    masks = torch.ones(2, 1, 8, 8)
+    out = samplers.ambient_sampler(ambient, torch.randn(2, 1, 8, 8), masks, num_steps=5, solver='dpmpp2m')
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match='guidance_units'):
+        samplers.ambient_sampler(ambient, torch.randn(2, 1, 8, 8), masks, num_steps=5, solver='dpmpp2m',
+                                 guidance_units='original')

@@ -353,7 +353,8 @@ def test_cli_replacement_methods(setup, tmp_path, args):
     (['--method=replace', '--corruption_pattern=averaging'], 'needs an inpainting operator'),
     (['--method=replace', '--dps_scale=2'], '--dps_scale'),
     (['--jump_length=3'], '--jump_length'),
-    (['--method=replace', '--jump_n_sample=3'], '--jump_n_sample')])
+    (['--method=replace', '--jump_n_sample=3'], '--jump_n_sample'),
+    (['--method=repaint', '--jump_length=2', '--solver=dpmpp2m', '--corruption_pattern=box_masking'], 'reuses the previous step')])
 def test_cli_replacement_errors(setup, tmp_path, args, message):
     run_dir, data = setup
     cmd = ['--network', run_dir, '--latest', '--measurements_path', data, '--outdir', tmp_path / 'o', '--seeds=0', *args]

@@ -169,7 +169,7 @@ def discrete_grid_rules(net, opts, path):
     nothing. --solver=vdm on a network without a schedule is a UsageError."""
     if opts.solver == 'vdm' and not hasattr(net, 'schedule'):
         raise click.UsageError(f'--solver=vdm steps through a VDM network\'s schedule γ(t); {path} has none (train one '
-                               'with --precond=vdm, or use --solver=heun, euler, ddim or ddpm)')
+                               'with --precond=vdm, or use --solver=heun, euler, dpmpp2m, ddim or ddpm)')
     if opts.solver == 'vdm':
         return [(name, True, f'--solver=vdm steps through {path}\'s own schedule (T = --steps uniform times)')
                 for name in ('sigma_min', 'sigma_max', 'rho')]

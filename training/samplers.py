@@ -83,7 +83,10 @@ def check_sampler_args(net=None, ambient=None, latents=None, masks=None, **optio
                          'reuse the previous step); S_churn applies to the euler and heun solvers')
     if o.get('solver') == 'vdm' and net is not None and not hasattr(net, 'schedule'):
         raise ValueError('solver=\'vdm\' steps through a VDM network\'s own schedule γ(t); this network has none '
-                         '(train one with --precond=vdm, or use heun, euler, ddim or ddpm)')
+                         '(train one with --precond=vdm, or use heun, euler, dpmpp2m, ddim or ddpm)')
+    if o.get('solver') in MULTISTEP and o.get('guidance_units') == 'original':
+        raise ValueError(f'guidance_units=\'original\' converts the original\'s λ for an Euler/Heun step; '
+                         f'solver={o.solver!r} combines two steps\' estimates: use guidance_units=\'ours\' or heun')
     if 'eta' in o and (not 0 <= o.eta <= 1 or (o.eta > 0 and o.get('solver') != 'ddim')):
         raise ValueError(f'eta={o.eta!r} is invalid; pass 0 <= eta <= 1 with solver="ddim" (0 otherwise)')
     if 'variance' in o and o.variance not in DDPM_VARIANCES:

@@ -105,11 +105,15 @@ def dpmpp_2m_step(x_cur, D, D_prev, t_prev, t_cur, t_next):
     With h = log(t_cur/t_next) and r = log(t_prev/t_cur)/h, D̃ = (1 + 1/(2r))·D − (1/(2r))·D_prev (D alone on the
     first step, D_prev None), and x' = (t_next/t_cur)·x + (1 − t_next/t_cur)·D̃: the paper's
     x_t = (σ_t/σ_s)·x_s − α_t(e^{−h} − 1)·D̃ with α = 1. The step to t_next = 0 returns D (first order there).
+    Grids rounded to a discrete network's levels can repeat a level: a step of h = 0 leaves x as it is, and the
+    step after it is first order (its previous step has no length to extrapolate over).
     """
     if t_next == 0:
         return D
+    if t_next == t_cur:
+        return x_cur
     D_tilde = D
-    if D_prev is not None:
+    if D_prev is not None and t_prev > t_cur:
         r = torch.log(t_prev / t_cur) / torch.log(t_cur / t_next)
         D_tilde = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * D_prev
     return (t_next / t_cur) * x_cur + (1 - t_next / t_cur) * D_tilde

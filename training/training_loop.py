@@ -46,13 +46,20 @@ def _rng_state():
         python=random.getstate())
 
 
-def _set_rng_state(states):
-    """Restore this process's RNG states from a state's list of every process's states."""
-    world_size = dist.get_world_size()
+def _set_rng_state(states, seed=0, nimg=0):
+    """Restore this process's RNG states from a state's list of every process's states. On another number of
+    processes (`--allow_world_size_change`) each process instead seeds its own, keyed by (seed, rank, nimg), so that
+    no two processes share dropout draws."""
+    world_size, rank = dist.get_world_size(), dist.get_rank()
     if len(states) != world_size:
-        dist.print0(f'Note: the state has RNG states of {len(states)} processes, now {world_size}; '
-            'dropout/augmentation draws will differ from an uninterrupted run.')
-    state = states[dist.get_rank() % len(states)]
+        dist.print0(f'Note: the state has RNG states of {len(states)} processes, now {world_size}; dropout draws '
+                    'will differ from an uninterrupted run (every other draw is keyed by the sampler position).')
+        entropy = misc.seed_hash(seed, 11, rank, nimg)
+        torch.manual_seed(entropy)
+        np.random.seed(entropy % 2**32)
+        random.seed(entropy)
+        return
+    state = states[rank]
     torch.set_rng_state(state['torch'])
     if torch.cuda.is_available() and state['cuda']:
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -154,7 +161,7 @@ def training_loop(
                                              data_loader_kwargs, loss_fn)
     ddp = _distribute(net, device, world_size, compile)
     if run.rng is not None:
-        _set_rng_state(run.rng)
+        _set_rng_state(run.rng, seed, run.cur_nimg)
     outputs = _Outputs(run_dir, config, tensorboard, wandb_mode, wandb_kwargs, resume_nimg=run.cur_nimg)
     if rank == 0 and run.cur_nimg == 0:
         _save_data_grid(dataset_obj, os.path.join(run_dir, 'training-data.png'))
@@ -323,6 +330,13 @@ def _resume(path, config, net, ema, optimizer, run):
     net.load_state_dict(state['net'])
     ema.load_state_dict(state['ema'])
     optimizer.load_state_dict(state['optimizer'])
+    # Moments in each parameter's memory layout: the state may come from a run with another --channels_last, and
+    # the fused Adam kernel pairs elements by storage order.
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
     # The state was written at the end of tick `cur_tick`: the run continues with the next one.
     run.update(cur_nimg=state['cur_nimg'], cur_tick=state['cur_tick'] + 1, sampler=state['sampler'],
                start_position=state['sampler']['position'], rng=state['rng'],
@@ -438,9 +452,12 @@ def _update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ra
     if ema_rampup_ratio is not None:
         ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
     ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-    with torch.no_grad():  # one multi-tensor kernel: ema ← ema + (1 − β)(net − ema)
-        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - ema_beta)
-        torch._foreach_copy_(list(ema.buffers()), list(net.buffers()))
+    params, buffers = list(ema.parameters()), list(ema.buffers())
+    with torch.no_grad():  # one multi-tensor kernel: ema ← ema + (1 − β)(net − ema); the lists may be empty
+        if params:
+            torch._foreach_lerp_(params, [p.detach() for p in net.parameters()], 1 - ema_beta)
+        if buffers:
+            torch._foreach_copy_(buffers, list(net.buffers()))
 
 
 def _status_line(run, tick, total_sec, tick_end_time, device):
