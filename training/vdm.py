@@ -245,9 +245,9 @@ def diffusion_continuous(gamma_prime, eps, eps_hat):
     return 0.5 * gamma_prime.reshape(-1) * _sum((eps - eps_hat.to(eps.dtype)) ** 2)
 
 
-def diffusion_discrete(gamma_t, gamma_s, T, eps, eps_hat):
-    """(T/2)·expm1(γ_t − γ_s)·‖ε − ε̂‖² per image, nats."""
-    return 0.5 * T * torch.expm1(gamma_t - gamma_s).reshape(-1) * _sum((eps - eps_hat.to(eps.dtype)) ** 2)
+def diffusion_discrete(gamma_step, T, eps, eps_hat):
+    """(T/2)·expm1(γ_t − γ_s)·‖ε − ε̂‖² per image, nats; gamma_step = γ_t − γ_s [N]."""
+    return 0.5 * T * torch.expm1(gamma_step).reshape(-1) * _sum((eps - eps_hat.to(eps.dtype)) ** 2)
 
 
 def alpha_sigma(gamma, ndim):
@@ -281,7 +281,7 @@ def vlb_terms(eps_fn, schedule, k, t, noise, noise_0, T=None, holder=None):
     gamma_t = gamma_0 + (gamma_1 - gamma_0) * f[:n]
     alpha_t, sigma_t = alpha_sigma(gamma_t, x.ndim)
     eps_hat = eps_fn(alpha_t * x + sigma_t * noise, gamma_t)
-    terms['diffusion'] = diffusion_discrete((gamma_1 - gamma_0) * (f[:n] - f[n:]), 0, T, noise, eps_hat)
+    terms['diffusion'] = diffusion_discrete((gamma_1 - gamma_0) * (f[:n] - f[n:]), T, noise, eps_hat)
     return terms
 
 
