@@ -98,6 +98,11 @@ def save_class_grid(net, info, seeds, dest, corruption=None, sampler_kwargs={}, 
 def _process_snapshot(path, opts, detector_cache, given=()):
     net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                          allow_unsafe_pickle=opts.allow_unsafe_pickle)
+    if opts.get('precision', 'network') != 'network':
+        if opts.precision == 'fp16' and dist.device().type != 'cuda':
+            raise click.UsageError('--precision=fp16 needs a CUDA device; use --precision=bf16 on a CPU')
+        net.use_fp16 = {'fp32': False, 'bf16': 'bf16', 'fp16': True}[opts.precision]
+    precision = str(net.compute_dtype(dist.device())).removeprefix('torch.')
     if opts.get('compile_net'):
         net = samplers.compile_for_sampling(net)
     corruption = sampling_corruption(info, opts)
@@ -122,7 +127,7 @@ def _process_snapshot(path, opts, detector_cache, given=()):
     claim_output_dir(outdir, dict(network_sha256=file_digest(path), sampler=sampler_kwargs,
         corruption=corruption.to_dict() if corruption is not None else None, num_masks=opts.num_masks,
         resample_guidance_masks=opts.resample_guidance_masks, class_idx=opts.class_idx, subdirs=opts.subdirs,
-        cfg_scale=opts.get('cfg_scale')))
+        cfg_scale=opts.get('cfg_scale'), precision=precision))
     generate_images(net, info, opts.seeds, outdir, batch=opts.batch, subdirs=opts.subdirs, class_idx=opts.class_idx,
         corruption=corruption, sampler_kwargs=sampler_kwargs, num_masks=opts.num_masks,
         resample_guidance_masks=opts.resample_guidance_masks, grid_path=os.path.join(opts.outdir, f'grid-{tag}.png'))
@@ -205,6 +210,7 @@ def ref(opts):
 @click.option('--wandb',            help='Weights & Biases logging of the scores', type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True)
 @click.option('--watch',            help='Keep polling the run directory for new snapshots', is_flag=True)
 @click.option('--compile', 'compile_net', help='torch.compile the network with frozen weights for long generations (the first batch compiles: minutes on CPU)', is_flag=True)
+@click.option('--precision',        help='Precision of the network: its own (--fp16 of train.py), fp32, bf16 (CPUs with AVX512-BF16/AMX, or CUDA) or fp16 (CUDA)', type=click.Choice(['network', 'fp32', 'bf16', 'fp16']), default='network', show_default=True)
 @click.option('--poll',             help='Seconds between polls with --watch', metavar='SEC', type=click.FloatRange(min=0.1), default=60, show_default=True)
 @detector_options
 @command_body()

@@ -364,7 +364,7 @@ def _resolve_resume(resume):
 @click.option('--xflip',        help='Enable dataset x-flips', metavar='BOOL',                   type=bool, default=False, show_default=True)
 @click.option('--max_size',     help='Train on a seeded subset of this many images', metavar='INT', type=click.IntRange(min=1))
 # Performance-related.
-@click.option('--fp16',         help='Mixed precision (CUDA only): True/fp16 (float16) or bf16 (bfloat16)', metavar='BOOL|bf16', type=str, default='False', show_default=True, callback=lambda c, p, v: _precision(v))
+@click.option('--fp16',         help='Mixed precision: True/fp16 (float16, CUDA only) or bf16 (bfloat16, CUDA or CPU; fast on CPUs with AVX512-BF16/AMX)', metavar='BOOL|bf16', type=str, default='False', show_default=True, callback=lambda c, p, v: _precision(v))
 @click.option('--channels_last', help='Channels-last memory format for the network and its activations', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--ls',           help='Loss scaling', metavar='FLOAT',                            type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench',        help='Enable cuDNN benchmarking', metavar='BOOL',                type=bool, default=True, show_default=True)
@@ -417,7 +417,8 @@ def _refuse_ignored_options(opts, given):
         ('gate', not opts.gated, '--gated=False builds plain convolutions; drop --gate or --gated=False'),
         ('mask_full_rgb', opts.corruption_pattern != 'dust', f'{opts.corruption_pattern} masks are shared by the '
          'channels already; it applies to --corruption_pattern=dust'),
-        ('fp16', opts.fp16 and not torch.cuda.is_available(), 'mixed precision needs a CUDA device; drop --fp16'),
+        ('fp16', opts.fp16 is True and not torch.cuda.is_available(), 'float16 needs a CUDA device; drop --fp16, or '
+         'use --fp16=bf16 (bfloat16 runs on CPUs too)'),
         ('augment_set', resolve_augment(opts) == 0, 'augmentation is off (--augment=0)'),
         ('desc', opts.nosubdir, 'it names the run subdirectory, which --nosubdir turns off'),
         ('label_dropout', not opts.cond, 'it drops class labels, and --cond=False trains without them; add --cond=True'),

@@ -22,6 +22,9 @@ Variants (--variants), measured side by side in alternating --rounds:
   ours_cl   the same with the network in channels-last memory format
   ours_compiled  the same under `samplers.compile_for_sampling` (eval.py generate --compile): torch.compile
             with frozen weights; the warm-up compiles (minutes), the timed runs reuse it
+  ours_bf16, ours_compiled_bf16  the same with the network in bfloat16 (eval.py generate --precision=bf16; fast
+            on CPUs with AVX512-BF16 or AMX); the trajectory stays float64. The original cannot run reduced precision
+            off CUDA (its use_fp16 applies on CUDA only), so it stays float32
   original  the original's sampler (`original_sampler`: K network calls per stage on x with requires_grad, the
             guidance gradient through the network at every stage even when zero) on the original's network
             formulation (double-sigmoid gates from two convolutions, 2C outputs), same latents and masks
@@ -51,16 +54,17 @@ CONFIGS = {
     'small': dict(model_channels=32, channel_mult=[1, 2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.10),
     'ddpmpp32': dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13),
 }
-VARIANTS = ('ours', 'ours_cl', 'ours_compiled', 'original')
+VARIANTS = ('ours', 'ours_cl', 'ours_compiled', 'ours_bf16', 'ours_compiled_bf16', 'original')
 
 
-def build_net(config, device, original=False, channels_last=False):
-    """The config's ambient network: ours (single-sigmoid gates from one convolution, C outputs) or, `original`,
-    the original's formulation (double-sigmoid gates, 2C outputs; sampled under `separate_gate_convolutions`)."""
+def build_net(config, device, original=False, channels_last=False, bf16=False):
+    """The config's ambient network: ours (single-sigmoid gates from one convolution, C outputs; in bfloat16 with
+    `bf16`) or, `original`, the original's formulation (double-sigmoid gates, 2C outputs; sampled under
+    `separate_gate_convolutions`)."""
     torch.manual_seed(0)
     net = networks.EDMPrecond(img_resolution=32, img_channels=6, ambient=True, model_type='SongUNet',
                               gate='double_sigmoid' if original else 'sigmoid', out_channels=6 if original else None,
-                              **CONFIGS[config])
+                              use_fp16='bf16' if bf16 else False, **CONFIGS[config])
     net = net.eval().requires_grad_(False).to(device)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
@@ -223,7 +227,7 @@ def _draw_solvers(rows, pictures, solvers, step_counts, dest):
 @click.option('--device',         help='Torch device', metavar='STR',                         type=str, default='cpu', show_default=True)
 @click.option('--threads',        help='torch.set_num_threads', metavar='INT',                type=click.IntRange(min=1), default=None)
 @click.option('--warmup/--no-warmup', help='One untimed 2-step run per network first',        default=True, show_default=True)
-@click.option('--variants',       help='Comma-separated: ours, ours_cl (channels-last), ours_compiled (eval.py generate --compile), original (the original\'s sampler and network formulation)', metavar='LIST', type=str, default='ours,original', show_default=True)
+@click.option('--variants',       help='Comma-separated: ours, ours_cl (channels-last), ours_compiled (eval.py generate --compile), ours_bf16 and ours_compiled_bf16 (--precision=bf16), original (the original\'s sampler and network formulation)', metavar='LIST', type=str, default='ours,original', show_default=True)
 @click.option('--rounds',         help='Alternating rounds per K (medians)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--solvers',        help='Compare these solvers on the demo model (e.g. ddpm,ddim,euler,heun)', metavar='LIST', type=str)
 @click.option('--network',        help='--solvers: the model', metavar='DIR|PT', type=str, default='demo-out/run-ambient', show_default=True)
@@ -265,16 +269,17 @@ def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warm
     print(header)
     print('-' * len(header))
     for name in names:
-        nets = {variant: build_net(name, device, original=variant == 'original', channels_last=variant == 'ours_cl')
+        nets = {variant: build_net(name, device, original=variant == 'original', channels_last=variant == 'ours_cl',
+                                   bf16=variant.endswith('_bf16'))
                 for variant in variants}
-        if 'ours_compiled' in nets:
-            nets['ours_compiled'] = samplers.compile_for_sampling(nets['ours_compiled'])
+        for variant in [v for v in nets if v.startswith('ours_compiled')]:
+            nets[variant] = samplers.compile_for_sampling(nets[variant])
         if warmup:  # every K, so that compiled variants compile before the timed runs
             for variant, net in nets.items():
                 for k in num_masks:
                     start = time.perf_counter()
                     run(net, batch, 2, k, guidance_scale, device, original=variant == 'original')
-                    if variant == 'ours_compiled':
+                    if variant.startswith('ours_compiled'):
                         print(f'{name} {variant} K={k}: warm-up (compilation) {time.perf_counter() - start:.0f} s', flush=True)
         for k in num_masks:
             times = {variant: [] for variant in variants}

@@ -15,6 +15,9 @@ Variants:
   channels_last  the same in channels-last memory format (train.py --channels_last=True)
   compiled       eager under torch.compile (train.py --compile=True)
   compiled_cl    channels_last under torch.compile
+  bf16, channels_last_bf16, compiled_cl_bf16  eager, channels_last and compiled_cl with the network in bfloat16
+                 (train.py --fp16=bf16; fast on CPUs with AVX512-BF16 or AMX; the original's use_fp16 applies on
+                 CUDA only, so on a CPU it has no reduced precision)
   original       the original's formulation on the same machine: double-sigmoid gate computed with two separate
                  convolutions, 2C outputs, a per-parameter EMA loop, and torch.compile, which the original always
                  applies
@@ -56,7 +59,8 @@ def _config_args(name):
     return CONFIGS[name]
 
 
-VARIANTS = ('eager', 'channels_last', 'compiled', 'compiled_cl', 'original', 'original_eager')
+VARIANTS = ('eager', 'channels_last', 'compiled', 'compiled_cl', 'bf16', 'channels_last_bf16', 'compiled_cl_bf16',
+            'original', 'original_eager')
 
 
 def matmul_rate(device, dtype, n=4096, repeats=10):
@@ -84,6 +88,10 @@ def measure(name, variant, device, steps, warmup, threads, fp16, flops=False, pr
     original = variant.startswith('original')
     if original:
         args = [*args, '--gate=double_sigmoid']
+    if variant.endswith('bf16'):
+        fp16 = 'bf16'
+    if original and torch.device(device).type != 'cuda':
+        fp16 = False  # the original's use_fp16 applies on CUDA only
     ctx = train.main.make_context('train', ['--outdir=unused', '--data=unused', f'--batch={batch}', f'--fp16={fp16}',
                                             '--augment=0', *args])
     c = train.build_config(dnnlib.EasyDict(ctx.params))
@@ -93,10 +101,10 @@ def measure(name, variant, device, steps, warmup, threads, fp16, flops=False, pr
         kw['out_channels'] = 2 * channels
     net = dnnlib.util.construct_class_by_name(**kw).train().to(device)
     ema = dnnlib.util.construct_class_by_name(**kw).eval().requires_grad_(False).to(device)
-    if variant in ('channels_last', 'compiled_cl'):
+    if variant in ('channels_last', 'compiled_cl', 'channels_last_bf16', 'compiled_cl_bf16'):
         net.to(memory_format=torch.channels_last)
         ema.to(memory_format=torch.channels_last)
-    model = torch.compile(net) if variant in ('compiled', 'compiled_cl', 'original') else net
+    model = torch.compile(net) if variant in ('compiled', 'compiled_cl', 'compiled_cl_bf16', 'original') else net
     loss_fn = dnnlib.util.construct_class_by_name(**c.loss_kwargs)
     opt = dnnlib.util.construct_class_by_name(params=net.parameters(), **c.optimizer_kwargs)
     g = torch.Generator().manual_seed(0)
@@ -150,7 +158,7 @@ def measure(name, variant, device, steps, warmup, threads, fp16, flops=False, pr
     result = dict(config=name, variant=variant, params=params, batch=batch, img_s=batch / statistics.median(times),
                   sec_step=statistics.median(times), first=first, peak_gib=peak / 2**30)
     if count is not None:
-        dtype = torch.bfloat16 if fp16 == 'bf16' and device.type == 'cuda' else (
+        dtype = torch.bfloat16 if fp16 == 'bf16' else (
             torch.float16 if fp16 and device.type == 'cuda' else torch.float32)
         result.update(tflops=count / result['sec_step'] / 1e12, peak_tflops=matmul_rate(device, dtype) / 1e12)
     return result
@@ -165,7 +173,7 @@ def measure(name, variant, device, steps, warmup, threads, fp16, flops=False, pr
 @click.option('--steps', help='Timed optimizer steps', type=click.IntRange(min=1), default=5, show_default=True)
 @click.option('--warmup', help='Untimed steps first', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--threads', help='torch threads', type=click.IntRange(min=1), default=os.cpu_count(), show_default=True)
-@click.option('--fp16', help='Mixed precision (CUDA only): False, True/fp16 or bf16', type=click.Choice(['False', 'True', 'fp16', 'bf16']), default='False', show_default=True)
+@click.option('--fp16', help='Mixed precision of every variant: False, True/fp16 (CUDA only) or bf16', type=click.Choice(['False', 'True', 'fp16', 'bf16']), default='False', show_default=True)
 @click.option('--flops', help='Also report TFLOP/s and the share of the measured matmul rate', is_flag=True)
 @click.option('--profile', help='Also print torch.profiler\'s top operators of one step per variant', is_flag=True)
 @click.option('--rounds', help='Measure the variants this many times, alternating (medians per variant)', type=click.IntRange(min=1), default=1, show_default=True)

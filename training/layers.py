@@ -56,16 +56,6 @@ class Linear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), b)
 
 
-def _gate(a, double_sigmoid):
-    """g(a) and g'(a) for g = sigmoid or sigmoid∘sigmoid."""
-    g = torch.sigmoid(a)
-    dg = torch.addcmul(g, g, g, value=-1)  # sigmoid' = g (1 - g)
-    if double_sigmoid:
-        g = torch.sigmoid(g)
-        dg = dg.mul_(torch.addcmul(g, g, g, value=-1))
-    return g, dg
-
-
 def _gated_product(y, bias, double_sigmoid):
     """h ⊙ g(a) (+ b) for y = [h; a] along channels."""
     c = y.shape[1] // 2
@@ -76,44 +66,48 @@ def _gated_product(y, bias, double_sigmoid):
     return h * g if bias is None else torch.addcmul(bias.reshape(1, -1, 1, 1), h, g)
 
 
-def _gated_product_backward(y, grad, double_sigmoid, bias_grad):
-    """Gradient of `_gated_product` with respect to y (and b)."""
-    c = y.shape[1] // 2
-    h, a = y[:, :c], y[:, c:]
-    g, dg = _gate(a, double_sigmoid)
-    grad_y = torch.empty_like(y)
-    torch.mul(grad, g, out=grad_y[:, :c])
-    torch.mul(grad * h, dg, out=grad_y[:, c:])
-    return grad_y, (grad.sum((0, 2, 3)) if bias_grad else None)
-
-
 class _GatedConv(torch.autograd.Function):
     """conv(x, W) ⊙ g(conv(x, Wg)) (+ b) as one convolution over [W; Wg] (stride 1).
 
-    Saves x, W, Wg and y = conv(x, [W; Wg]), and recomputes the gate and the concatenation in backward (cheap
-    next to the convolution). Autograd's own graph would also hold the gate, and a concatenated copy of the
-    weights of every gated layer from forward to backward (0.4 GB for EDM's DDPM++ at 32x32).
+    Forward overwrites the gate half a of y = conv(x, [W; Wg]) with s = sigmoid(a) and saves x, W, Wg and
+    y = [h; s]: backward needs g = s (or sigmoid(s) for the double sigmoid) and g' = g(1 − g) (· s(1 − s)),
+    so it recomputes no exp for the single sigmoid and no concatenated activation is kept. [W; Wg] is
+    re-concatenated in backward (cheap next to the convolution): autograd's own graph would also hold the
+    gate, and a concatenated copy of the weights of every gated layer from forward to backward (0.4 GB for
+    EDM's DDPM++ at 32x32).
     """
 
     @staticmethod
     def forward(ctx, x, weight, gate_weight, bias, padding, double_sigmoid):
         w = torch.cat([weight, gate_weight]).to(x.dtype)
         y = torch.nn.functional.conv2d(x, w, padding=padding)
+        c = weight.shape[0]
+        h, s = y[:, :c], y[:, c:].sigmoid_()
+        g = torch.sigmoid(s) if double_sigmoid else s
         ctx.save_for_backward(x, weight, gate_weight, y)
         ctx.padding = padding
         ctx.double_sigmoid = double_sigmoid
-        return _gated_product(y, bias, double_sigmoid)
+        return h * g if bias is None else torch.addcmul(bias.reshape(1, -1, 1, 1), h, g)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, gate_weight, y = ctx.saved_tensors
         need_x, need_w, need_wg, need_b = ctx.needs_input_grad[:4]
-        grad_y, grad_bias = _gated_product_backward(y, grad, ctx.double_sigmoid, need_b)
+        c = weight.shape[0]
+        h, s = y[:, :c], y[:, c:]
+        dg = torch.addcmul(s, s, s, value=-1)  # sigmoid' = s (1 - s)
+        g = s
+        if ctx.double_sigmoid:
+            g = torch.sigmoid(s)
+            dg.mul_(torch.addcmul(g, g, g, value=-1))
+        grad_y = torch.empty_like(y)
+        torch.mul(grad, g, out=grad_y[:, :c])
+        torch.mul(grad * h, dg, out=grad_y[:, c:])
+        grad_bias = grad.sum((0, 2, 3)) if need_b else None
         w = torch.cat([weight, gate_weight]).to(x.dtype)
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_y, x, w, None, [1, 1], [ctx.padding, ctx.padding], [1, 1], False, [0, 0], 1,
             [need_x, need_w or need_wg, False])
-        c = weight.shape[0]
         grad_weight = grad_w[:c].to(weight.dtype) if need_w else None
         grad_gate = grad_w[c:].to(gate_weight.dtype) if need_wg else None
         return grad_x, grad_weight, grad_gate, grad_bias, None, None

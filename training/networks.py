@@ -259,7 +259,8 @@ class _Precond(torch.nn.Module):
 
     img_resolution, img_channels: input size; img_channels is 2C for ambient models ([image, mask]).
     label_dim: number of classes (0: unconditional).
-    use_fp16: False, True / 'fp16' (float16) or 'bf16' (bfloat16); applies on CUDA only, CPU runs float32.
+    use_fp16: False, True / 'fp16' (float16, on CUDA; CPU runs float32) or 'bf16' (bfloat16, on any device:
+        fast on CPUs with AVX512-BF16 or AMX, slower than float32 on CPUs without).
     model_type: 'SongUNet' (DDPM++/NCSN++) or 'DhariwalUNet' (ADM); model_kwargs go to it.
     out_channels: channels of the network F (default: the image's channels, C for ambient models).
     ambient: the input is [Ã ⊙ x, Ã]; D(x) then has the image's C channels.
@@ -320,10 +321,12 @@ class _Precond(torch.nn.Module):
         """The noise level F is told through c_noise: max(σ, cond_sigma_min)."""
         return sigma.clamp(min=self.cond_sigma_min) if self.cond_sigma_min > 0 else sigma
 
-    def _compute_dtype(self, x, force_fp32):
-        if not self.use_fp16 or force_fp32 or x.device.type != 'cuda':
-            return torch.float32
-        return torch.bfloat16 if self.use_fp16 == 'bf16' else torch.float16
+    def compute_dtype(self, device):
+        """The precision F runs in on `device`: bfloat16 for use_fp16='bf16' (any device), float16 for
+        use_fp16=True on CUDA, float32 otherwise."""
+        if self.use_fp16 == 'bf16':
+            return torch.bfloat16
+        return torch.float16 if self.use_fp16 and torch.device(device).type == 'cuda' else torch.float32
 
     def _prepare(self, x, sigma, class_labels):
         x = x.to(torch.float32)
@@ -340,7 +343,7 @@ class _Precond(torch.nn.Module):
 
     def _denoise(self, x, c_skip, c_out, c_in, c_noise, class_labels, force_fp32, model_kwargs):
         """D = c_skip·x + c_out·F(c_in·x, c_noise), on the first `denoised_channels` channels."""
-        dtype = self._compute_dtype(x, force_fp32)
+        dtype = torch.float32 if force_fp32 else self.compute_dtype(x.device)
         condition = model_kwargs.pop('condition', None)
         x_in = self._input_features(c_in * x)
         if (condition is None) != (not self.condition_channels):
