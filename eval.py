@@ -95,14 +95,23 @@ def save_class_grid(net, info, seeds, dest, corruption=None, sampler_kwargs={}, 
         save_image_grid(torch.cat(rows).cpu(), dest, grid_w=len(seeds))
 
 
+def _set_precision(net, precision, path):
+    """Apply generate's --precision to `net`; returns the name of the dtype its network F runs in."""
+    if not hasattr(net, 'compute_dtype'):  # a denoiser of another kind: float32 throughout
+        if precision not in ('network', 'fp32'):
+            raise click.UsageError(f'--precision={precision}: {path} has no precision setting; drop --precision')
+        return 'float32'
+    if precision == 'fp16' and dist.device().type != 'cuda':
+        raise click.UsageError('--precision=fp16 needs a CUDA device; use --precision=bf16 on a CPU')
+    if precision != 'network':
+        net.use_fp16 = {'fp32': False, 'bf16': 'bf16', 'fp16': True}[precision]
+    return str(net.compute_dtype(dist.device())).removeprefix('torch.')
+
+
 def _process_snapshot(path, opts, detector_cache, given=()):
     net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                          allow_unsafe_pickle=opts.allow_unsafe_pickle)
-    if opts.get('precision', 'network') != 'network':
-        if opts.precision == 'fp16' and dist.device().type != 'cuda':
-            raise click.UsageError('--precision=fp16 needs a CUDA device; use --precision=bf16 on a CPU')
-        net.use_fp16 = {'fp32': False, 'bf16': 'bf16', 'fp16': True}[opts.precision]
-    precision = str(net.compute_dtype(dist.device())).removeprefix('torch.')
+    precision = _set_precision(net, opts.get('precision', 'network'), path)
     if opts.get('compile_net'):
         net = samplers.compile_for_sampling(net)
     corruption = sampling_corruption(info, opts)

@@ -9,7 +9,8 @@ With --solvers (needs `make demo`): the demo's ambient model (--network) samples
 step count from the same initial noise and sampling masks (per-seed generators); each row reports wall time,
 network evaluations (NFE) and the digit-feature Fréchet distance against the digits (`training.digit_score`,
 the demo's classifier). Writes solvers.md, solvers.png (FD vs NFE per solver) and solvers-samples.png (the
-same seeds from every solver at one step count, timings in the labels) to --outdir (and --docs).
+same seeds from every solver at one step count, timings in the labels) to --outdir (and --docs). --precisions=fp32,bf16
+runs every solver with the network in float32 and in bfloat16 (rows 'heun bf16'...), on the same seeds.
 
 Networks (random weights: speed does not depend on training), ambient input [image, mask] 2C=6 -> C=3,
 32x32, EDMPrecond + SongUNet (DDPM++):
@@ -141,8 +142,10 @@ def nfe(solver, steps):
     return 2 * steps - 1 if solver == 'heun' else steps
 
 
-def compare_solvers(network, data, classifier_path, solvers, step_counts, num_samples, eta, outdir, docs):
-    """Every solver at every step count on the same seeds; the table, FD-vs-NFE plot and sample picture."""
+def compare_solvers(network, data, classifier_path, solvers, step_counts, num_samples, eta, outdir, docs,
+                    precisions=('fp32',)):
+    """Every solver at every step count (and network precision) on the same seeds; the table, FD-vs-NFE plot and
+    sample picture. A solver run in bfloat16 is labelled 'solver bf16'."""
     path = snapshots.resolve_networks(network, latest=True)[-1]
     net, info = snapshots.load_network(path, device='cpu')
     corruption = None
@@ -154,9 +157,12 @@ def compare_solvers(network, data, classifier_path, solvers, step_counts, num_sa
     reference = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.as_tensor(np.stack([dataset.get_label(i) for i in range(len(dataset))])).argmax(1)
     classifier = digit_score.load_or_train_classifier(classifier_path, reference, labels)
-    rows, pictures = [], {}
+    rows, pictures, labels = [], {}, []
     seeds = list(range(num_samples))
-    for solver in solvers:
+    for precision, solver in [(p, s) for p in precisions for s in solvers]:
+        net.use_fp16 = 'bf16' if precision == 'bf16' else False
+        label = solver if precision == 'fp32' else f'{solver} {precision}'
+        labels.append(label)
         for steps in step_counts:
             kwargs = dict(num_steps=steps, solver=solver, eta=eta if solver == 'ddim' else 0.0)
             if info.ambient:
@@ -165,10 +171,10 @@ def compare_solvers(network, data, classifier_path, solvers, step_counts, num_sa
             images = torch.cat([samplers.generate_batch(net, seeds[i:i + 256], **kwargs) for i in range(0, len(seeds), 256)])
             seconds = time.perf_counter() - start
             score = digit_score.score_images(classifier, images, reference)
-            rows.append(dict(solver=solver, steps=steps, nfe=nfe(solver, steps), seconds=seconds, fd=score['fd'],
-                             fd_pixel=score['fd_pixel']))
-            pictures[(solver, steps)] = images[:12]
-            print(f'{solver:>6} {steps:>4} steps  NFE {rows[-1]["nfe"]:>4}  {seconds:7.1f} s  FD {score["fd"]:8.2f}', flush=True)
+            rows.append(dict(solver=label, steps=steps, nfe=nfe(solver, steps), seconds=seconds, fd=score['fd'],
+                             fd_pixel=score['fd_pixel'], precision=precision))
+            pictures[(label, steps)] = images[:12]
+            print(f'{label:>6} {steps:>4} steps  NFE {rows[-1]["nfe"]:>4}  {seconds:7.1f} s  FD {score["fd"]:8.2f}', flush=True)
     os.makedirs(outdir, exist_ok=True)
     lines = [f'| solver | steps | NFE | s / {num_samples} images | FD (classifier) | FD (pixels) |', '|---|---|---|---|---|---|']
     lines += [f'| {r["solver"]}{f" (η = {eta:g})" if r["solver"] == "ddim" and eta else ""} | {r["steps"]} | {r["nfe"]} | '
@@ -177,7 +183,7 @@ def compare_solvers(network, data, classifier_path, solvers, step_counts, num_sa
         f.write('\n'.join(lines) + '\n')
     with atomic_write(os.path.join(outdir, 'solvers.json'), 'w') as f:
         json.dump(dict(network=path, samples=num_samples, eta=eta, rows=rows), f, indent=2)
-    _draw_solvers(rows, pictures, solvers, step_counts, os.path.join(outdir, 'solvers.png'))
+    _draw_solvers(rows, pictures, labels, step_counts, os.path.join(outdir, 'solvers.png'))
     print('\n' + '\n'.join(lines))
     if docs:
         os.makedirs(docs, exist_ok=True)
@@ -237,8 +243,9 @@ def _draw_solvers(rows, pictures, solvers, step_counts, dest):
 @click.option('--eta',            help='--solvers: DDIM η', metavar='FLOAT', type=click.FloatRange(0, 1), default=0, show_default=True)
 @click.option('--outdir',         help='--solvers: where the table and figures go', metavar='DIR', type=str, default='bench-out/solvers', show_default=True)
 @click.option('--docs',           help='--solvers: also copy solvers.md and solvers.png here', metavar='DIR', type=str)
+@click.option('--precisions',     help='--solvers: network precisions to run every solver in (fp32, bf16)', metavar='LIST', type=str, default='fp32', show_default=True)
 def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warmup, variants, rounds, solvers, network,
-         data, classifier, samples, eta, outdir, docs):
+         data, classifier, samples, eta, outdir, docs, precisions):
     """Seconds per image and network evaluations of the ambient sampler; or, with --solvers, the solvers compared."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -247,8 +254,13 @@ def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warm
         unknown = [x for x in solvers if x not in samplers.SOLVERS]
         if unknown:
             raise click.BadParameter(f'{unknown}: solvers are {", ".join(samplers.SOLVERS)}', param_hint='--solvers')
-        compare_solvers(network, data, classifier, solvers, steps, samples, eta, outdir, docs)
+        precisions = [p for p in precisions.split(',') if p]
+        if not precisions or any(p not in ('fp32', 'bf16') for p in precisions):
+            raise click.BadParameter(f'{precisions}: pass fp32 and/or bf16', param_hint='--precisions')
+        compare_solvers(network, data, classifier, solvers, steps, samples, eta, outdir, docs, precisions)
         return
+    if precisions != 'fp32':
+        raise click.BadParameter('applies to --solvers; the speed table takes the ours_bf16 variants', param_hint='--precisions')
     if len(steps) != 1:
         raise click.BadParameter('one step count without --solvers', param_hint='--steps')
     steps = steps[0]

@@ -242,3 +242,21 @@ def test_compiled_generation_writes_the_same_images(run_dir, tmp_path):
         a, b = (np.asarray(PIL.Image.open(next((tmp_path / d).glob(f'*/{seed:06d}.png'))), dtype=np.int16)
                 for d in ('eager', 'compiled'))
         assert np.abs(a - b).max() <= 1
+
+
+def test_generate_precision(run_dir, tmp_path):
+    """--precision=bf16 samples a float32 network in bfloat16: the images stay close to float32's, the provenance
+    says bfloat16 (a float32 rerun into the same directory is refused), fp16 off CUDA is refused."""
+    base = ['generate', '--network', run_dir, '--latest', '--seeds=0-3', '--steps=4']
+    invoke(eval_cli.cli, base + ['--outdir', tmp_path / 'fp32'])
+    invoke(eval_cli.cli, base + ['--outdir', tmp_path / 'bf16', '--precision=bf16'])
+    assert json.load(open(tmp_path / 'bf16' / '000000.008' / 'provenance.json'))['precision'] == 'bfloat16'
+    assert json.load(open(tmp_path / 'fp32' / '000000.008' / 'provenance.json'))['precision'] == 'float32'
+    a, b = (np.stack([np.asarray(PIL.Image.open(p), dtype=np.int16) for p in pngs(tmp_path / d / '000000.008')])
+            for d in ('fp32', 'bf16'))
+    assert 0 < np.abs(a - b).mean() < 4
+    result = invoke(eval_cli.cli, base + ['--outdir', tmp_path / 'bf16', '--precision=fp32'], expect_ok=False)
+    assert result.exit_code != 0 and 'bfloat16' in result.output and 'other settings' in result.output
+    if not torch.cuda.is_available():
+        result = invoke(eval_cli.cli, base + ['--outdir', tmp_path / 'half', '--precision=fp16'], expect_ok=False)
+        assert result.exit_code != 0 and '--precision=fp16 needs a CUDA device' in result.output

@@ -556,6 +556,30 @@ def test_scalar_sigma_and_cpu_fp16_runs_fp32():
     torch.testing.assert_close(out, full(x, torch.full([2], 0.7)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('gate', ['sigmoid', 'double_sigmoid'])
+def test_bf16_on_cpu(gate):
+    """use_fp16='bf16' runs F in bfloat16 on a CPU too (fp16 does not: see above); D stays float32, close to the
+    float32 network, and training gradients reach the float32 weights close to float32 training's."""
+    torch.manual_seed(0)
+    net = build(arch='ddpmpp', gate=gate, use_fp16='bf16')
+    randomize_convs(net)
+    assert net.compute_dtype('cpu') == net.compute_dtype(torch.device('cuda')) == torch.bfloat16
+    assert build(use_fp16=True).compute_dtype('cpu') == torch.float32
+    seen = capture({}, net.model.enc, inputs=['16x16_conv'])
+    x, sigma = randn(2, 3, 16, 16), torch.tensor([0.5, 2.0])
+    D = net(x, sigma)
+    assert D.dtype == torch.float32 and seen['16x16_conv:in'].dtype == torch.bfloat16
+    D32 = net(x, sigma, force_fp32=True)
+    assert (D - D32).abs().max() < 0.05 * D32.abs().max()
+    grads = []
+    for force_fp32 in (False, True):
+        net.zero_grad()
+        net(x, sigma, force_fp32=force_fp32).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize('use_fp16, dtype', [(True, torch.float16), ('bf16', torch.bfloat16)])
 def test_reduced_precision_on_cuda(use_fp16, dtype):

@@ -420,6 +420,22 @@ def test_channels_last_trains_the_same_weights(tmp_path, data):
     assert json.load(open(tmp_path / 'cl' / 'training_options.json'))['channels_last'] is True
 
 
+def test_bf16_trains_on_cpu_and_fp16_is_refused(tmp_path, data):
+    """--fp16=bf16 trains on a CPU (float32 weights, the network in bfloat16) close to float32 training;
+    --fp16=True (float16) needs CUDA and says so."""
+    if torch.cuda.is_available():
+        pytest.skip('the float16 refusal applies without CUDA')
+    common = ['--data', data, '--seed=3', '--nosubdir', *TINY, steps(2), '--tick=0.008', '--snap=1']
+    run(['--outdir', tmp_path / 'fp32', *common])
+    run(['--outdir', tmp_path / 'bf16', '--fp16=bf16', *common])
+    a, b = _final_ema(tmp_path / 'fp32'), _final_ema(tmp_path / 'bf16')
+    assert all(b[name].dtype == a[name].dtype for name in a)
+    moved = [(b[n] - a[n]).abs().max() for n in a if a[n].is_floating_point()]
+    assert 0 < max(moved) < 0.02  # bfloat16 arithmetic changes the steps a little, not the weights' scale
+    result = run(['--outdir', tmp_path / 'half', '--fp16=True', *common], expect_ok=False)
+    assert result.exit_code != 0 and 'float16 needs a CUDA device' in result.output and '--fp16=bf16' in result.output
+
+
 def test_fp16_option_values():
     from conftest import train_options
     base = ['--outdir=unused', '--data=unused']

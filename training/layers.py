@@ -3,8 +3,9 @@
 
 Every convolution can be gated (Ambient Diffusion, Daras et al. 2023): y = conv(x, W) ⊙ g(conv(x, Wg)) + b
 with g = sigmoid, or sigmoid∘sigmoid as in the original's released checkpoints. Eagerly, the gate runs as
-one autograd Function over the concatenated [W; Wg] that recomputes the gate in backward instead of saving
-a second copy of the weights; under torch.compile it is written as plain ops, which inductor fuses.
+one autograd Function over the concatenated [W; Wg] that keeps sigmoid(a) in place of the gate's
+pre-activation a for backward and re-concatenates the weights there instead of saving a second copy; under
+torch.compile it is written as plain ops, which inductor fuses.
 
 Weights are initialised, and dropout drawn, from PyTorch's default generator, like any `torch.nn` module.
 """
