@@ -244,6 +244,7 @@ def test_compiled_generation_writes_the_same_images(run_dir, tmp_path):
         assert np.abs(a - b).max() <= 1
 
 
+@pytest.mark.slow  # three generations
 def test_generate_precision(run_dir, tmp_path):
     """--precision=bf16 samples a float32 network in bfloat16: the images stay close to float32's, the provenance
     says bfloat16 (a float32 rerun into the same directory is refused), fp16 off CUDA is refused."""

@@ -420,6 +420,7 @@ def test_channels_last_trains_the_same_weights(tmp_path, data):
     assert json.load(open(tmp_path / 'cl' / 'training_options.json'))['channels_last'] is True
 
 
+@pytest.mark.slow  # three short runs
 def test_bf16_trains_on_cpu_and_fp16_is_refused(tmp_path, data):
     """--fp16=bf16 trains on a CPU (float32 weights, the network in bfloat16) close to float32 training;
     --fp16=True (float16) needs CUDA and says so."""
