@@ -96,22 +96,25 @@ def save_class_grid(net, info, seeds, dest, corruption=None, sampler_kwargs={}, 
 
 
 def _set_precision(net, precision, path):
-    """Apply generate's --precision to `net`; returns the name of the dtype its network F runs in."""
-    if not hasattr(net, 'compute_dtype'):  # a denoiser of another kind: float32 throughout
-        if precision not in ('network', 'fp32'):
-            raise click.UsageError(f'--precision={precision}: {path} has no precision setting; drop --precision')
-        return 'float32'
+    """Apply generate's --precision to `net`. Returns the names of the dtypes its network F runs in now and ran in
+    before (what an output directory recorded without a precision was made with)."""
+    if not hasattr(net, 'compute_dtype'):  # a module pickle of another codebase: its own precision rules
+        if precision != 'auto':
+            raise click.UsageError(f'--precision={precision}: {path} has no precision setting of ours; drop --precision')
+        return 'module', 'module'
+    name = lambda: str(net.compute_dtype(dist.device())).removeprefix('torch.')  # noqa: E731
+    before = name()
     if precision == 'fp16' and dist.device().type != 'cuda':
         raise click.UsageError('--precision=fp16 needs a CUDA device; use --precision=bf16 on a CPU')
-    if precision != 'network':
+    if precision != 'auto':
         net.use_fp16 = {'fp32': False, 'bf16': 'bf16', 'fp16': True}[precision]
-    return str(net.compute_dtype(dist.device())).removeprefix('torch.')
+    return name(), before
 
 
 def _process_snapshot(path, opts, detector_cache, given=()):
     net, info = snapshots.load_network(path, device=dist.device(), training_options=opts.training_options,
                                          allow_unsafe_pickle=opts.allow_unsafe_pickle)
-    precision = _set_precision(net, opts.get('precision', 'network'), path)
+    precision, before = _set_precision(net, opts.get('precision', 'auto'), path)
     if opts.get('compile_net'):
         net = samplers.compile_for_sampling(net)
     corruption = sampling_corruption(info, opts)
@@ -136,7 +139,7 @@ def _process_snapshot(path, opts, detector_cache, given=()):
     claim_output_dir(outdir, dict(network_sha256=file_digest(path), sampler=sampler_kwargs,
         corruption=corruption.to_dict() if corruption is not None else None, num_masks=opts.num_masks,
         resample_guidance_masks=opts.resample_guidance_masks, class_idx=opts.class_idx, subdirs=opts.subdirs,
-        cfg_scale=opts.get('cfg_scale'), precision=precision))
+        cfg_scale=opts.get('cfg_scale'), precision=precision), absent_means=dict(precision=before))
     generate_images(net, info, opts.seeds, outdir, batch=opts.batch, subdirs=opts.subdirs, class_idx=opts.class_idx,
         corruption=corruption, sampler_kwargs=sampler_kwargs, num_masks=opts.num_masks,
         resample_guidance_masks=opts.resample_guidance_masks, grid_path=os.path.join(opts.outdir, f'grid-{tag}.png'))
@@ -219,7 +222,7 @@ def ref(opts):
 @click.option('--wandb',            help='Weights & Biases logging of the scores', type=click.Choice(['off', 'offline', 'online']), default='off', show_default=True)
 @click.option('--watch',            help='Keep polling the run directory for new snapshots', is_flag=True)
 @click.option('--compile', 'compile_net', help='torch.compile the network with frozen weights for long generations (the first batch compiles: minutes on CPU)', is_flag=True)
-@click.option('--precision',        help='Precision of the network: its own (--fp16 of train.py), fp32, bf16 (CPUs with AVX512-BF16/AMX, or CUDA) or fp16 (CUDA)', type=click.Choice(['network', 'fp32', 'bf16', 'fp16']), default='network', show_default=True)
+@click.option('--precision',        help='Precision of the network: auto (its training precision on CUDA, float32 elsewhere), fp32, bf16 (CUDA, or CPUs with AVX512-BF16/AMX) or fp16 (CUDA)', type=click.Choice(['auto', 'fp32', 'bf16', 'fp16']), default='auto', show_default=True)
 @click.option('--poll',             help='Seconds between polls with --watch', metavar='SEC', type=click.FloatRange(min=0.1), default=60, show_default=True)
 @detector_options
 @command_body()

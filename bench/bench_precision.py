@@ -9,13 +9,14 @@ split, same seed and budget: in float32, and with `train.py --fp16=bf16` (float3
 in bfloat16). Each model is sampled in both precisions (`eval.py generate --precision=fp32|bf16`, 18 Heun steps,
 the same seeds) and scored against the held-out test split (`training.digit_score`). Wall times include each
 command's start-up; they are kept in timings.json, so a rerun that skips finished work reports the times of
-the run that did it. bfloat16 is fast only on CPUs with AVX512-BF16 or AMX (and on GPUs); elsewhere it is emulated
+the run that did it ('–' where that run left none). bfloat16 is fast only on CPUs with AVX512-BF16 or AMX (and on GPUs); elsewhere it is emulated
 and slower than float32.
 
 Writes precision.json, precision.md and precision.png (sample rows, FD bars) to --outdir; --docs copies the table
 and figure there. Every step skips what is on disk.
 """
 
+import glob
 import json
 import os
 import sys
@@ -42,6 +43,11 @@ def cpu_flags():
     except OSError:
         return []
     return sorted(flag for flag in flags if flag in ('avx512_bf16', 'amx_bf16', 'avx512f', 'avx2'))
+
+
+def _seconds(value, digits=0):
+    """A wall time for the table; '–' where an earlier run did the work and left no time."""
+    return '–' if value is None else f'{value:.{digits}f}'
 
 
 def draw(results, rows, dest):
@@ -76,31 +82,33 @@ def main(outdir, kimg, samples, num_test, docs):
     timings_path = os.path.join(outdir, 'timings.json')
     timings = json.load(open(timings_path, encoding='utf-8')) if os.path.exists(timings_path) else {}
 
-    def timed(key, fn):
+    def timed(key, fn, done_before):
         t0 = time.time()
         value = fn()
-        timings.setdefault(key, time.time() - t0)  # the first run's time: a rerun skips the work
+        timings.setdefault(key, None if done_before else time.time() - t0)  # a rerun skips the work: keep the first time
         with atomic_write(timings_path, 'w') as f:
             json.dump(timings, f, indent=2)
         return value, timings[key]
 
     for train in TRAIN:
-        run_dir = os.path.join(outdir, f'train-{train}')
-        snapshot, train_s = timed(f'train-{train}-{kimg:g}kimg', lambda: demo.train_model(
-            d.train_zip, run_dir, MODELS['ambient-0.6'] + TRAIN[train], kimg))
+        run_dir = os.path.join(outdir, f'train-{train}-{kimg:g}kimg')
+        snapshot, train_s = timed(os.path.basename(run_dir), lambda: demo.train_model(
+            d.train_zip, run_dir, MODELS['ambient-0.6'] + TRAIN[train], kimg), demo.final_snapshot(run_dir, kimg))
         for sample in ('fp32', 'bf16'):
-            (images, _), sample_s = timed(f'train-{train}-{kimg:g}kimg-sample-{sample}-{samples}', lambda: demo.sample_model(
-                snapshot, os.path.join(outdir, f'train-{train}-sample-{sample}'), num=samples,
-                extra_args=[f'--precision={sample}']))
+            sample_dir = f'{run_dir}-sample-{sample}'
+            done = os.path.isdir(sample_dir) and len(glob.glob(os.path.join(sample_dir, '*', '*.png'))) >= samples
+            (images, _), sample_s = timed(f'{os.path.basename(sample_dir)}-{samples}', lambda: demo.sample_model(
+                snapshot, sample_dir, num=samples, extra_args=[f'--precision={sample}']), done)
             score = digit_score.score_images(d.classifier, images, d.test_images)
             results.append(dict(train=train, sample=sample, train_s=train_s, sample_s=sample_s, **score))
             rows.append((f'train {train}, sample {sample} (FD {score["fd"]:.1f})', images))
-            print(f'train {train} ({train_s:.0f} s), sample {sample} ({sample_s:.0f} s): FD {score["fd"]:.2f}', flush=True)
+            print(f'train {train} ({_seconds(train_s)} s), sample {sample} ({_seconds(sample_s)} s): FD {score["fd"]:.2f}',
+                  flush=True)
     lines = [f'CPU flags: {" ".join(cpu_flags()) or "unknown"}; {kimg:g} kimg per model, {samples} samples each '
              '(wall times include start-up).', '',
              '| trained in | sampled in | training s | sampling s | FD (classifier) | FD (pixels) | confidence | classes |',
              '|---|---|---|---|---|---|---|---|']
-    lines += [f'| {r["train"]} | {r["sample"]} | {r["train_s"]:.0f} | {r["sample_s"]:.1f} | {r["fd"]:.2f} | '
+    lines += [f'| {r["train"]} | {r["sample"]} | {_seconds(r["train_s"])} | {_seconds(r["sample_s"], 1)} | {r["fd"]:.2f} | '
               f'{r["fd_pixel"]:.2f} | {r["confidence"]:.2f} | {r["classes"]}/10 |' for r in results]
     text = '\n'.join(lines)
     print('\n' + text)

@@ -157,12 +157,12 @@ def compare_solvers(network, data, classifier_path, solvers, step_counts, num_sa
     reference = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.as_tensor(np.stack([dataset.get_label(i) for i in range(len(dataset))])).argmax(1)
     classifier = digit_score.load_or_train_classifier(classifier_path, reference, labels)
-    rows, pictures, labels = [], {}, []
+    rows, pictures, row_labels = [], {}, []
     seeds = list(range(num_samples))
     for precision, solver in [(p, s) for p in precisions for s in solvers]:
         net.use_fp16 = 'bf16' if precision == 'bf16' else False
         label = solver if precision == 'fp32' else f'{solver} {precision}'
-        labels.append(label)
+        row_labels.append(label)
         for steps in step_counts:
             kwargs = dict(num_steps=steps, solver=solver, eta=eta if solver == 'ddim' else 0.0)
             if info.ambient:
@@ -177,13 +177,13 @@ def compare_solvers(network, data, classifier_path, solvers, step_counts, num_sa
             print(f'{label:>6} {steps:>4} steps  NFE {rows[-1]["nfe"]:>4}  {seconds:7.1f} s  FD {score["fd"]:8.2f}', flush=True)
     os.makedirs(outdir, exist_ok=True)
     lines = [f'| solver | steps | NFE | s / {num_samples} images | FD (classifier) | FD (pixels) |', '|---|---|---|---|---|---|']
-    lines += [f'| {r["solver"]}{f" (η = {eta:g})" if r["solver"] == "ddim" and eta else ""} | {r["steps"]} | {r["nfe"]} | '
+    lines += [f'| {r["solver"]}{f" (η = {eta:g})" if r["solver"].startswith("ddim") and eta else ""} | {r["steps"]} | {r["nfe"]} | '
               f'{r["seconds"]:.1f} | {r["fd"]:.2f} | {r["fd_pixel"]:.2f} |' for r in rows]
     with atomic_write(os.path.join(outdir, 'solvers.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     with atomic_write(os.path.join(outdir, 'solvers.json'), 'w') as f:
         json.dump(dict(network=path, samples=num_samples, eta=eta, rows=rows), f, indent=2)
-    _draw_solvers(rows, pictures, labels, step_counts, os.path.join(outdir, 'solvers.png'))
+    _draw_solvers(rows, pictures, row_labels, step_counts, os.path.join(outdir, 'solvers.png'))
     print('\n' + '\n'.join(lines))
     if docs:
         os.makedirs(docs, exist_ok=True)
@@ -255,8 +255,8 @@ def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warm
         if unknown:
             raise click.BadParameter(f'{unknown}: solvers are {", ".join(samplers.SOLVERS)}', param_hint='--solvers')
         precisions = [p for p in precisions.split(',') if p]
-        if not precisions or any(p not in ('fp32', 'bf16') for p in precisions):
-            raise click.BadParameter(f'{precisions}: pass fp32 and/or bf16', param_hint='--precisions')
+        if not precisions or any(p not in ('fp32', 'bf16') for p in precisions) or len(set(precisions)) < len(precisions):
+            raise click.BadParameter(f'{precisions}: pass fp32 and/or bf16, each once', param_hint='--precisions')
         compare_solvers(network, data, classifier, solvers, steps, samples, eta, outdir, docs, precisions)
         return
     if precisions != 'fp32':
@@ -276,7 +276,7 @@ def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warm
     device = torch.device(device)
     print(f'torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {batch}, '
           f'{steps} steps')
-    header = (f'{"config":<9} {"variant":<14} {"K":>2} {"w":>5} {"net calls":>9} {"imgs/call":>9} {"NFE/image":>9} '
+    header = (f'{"config":<9} {"variant":<18} {"K":>2} {"w":>5} {"net calls":>9} {"imgs/call":>9} {"NFE/image":>9} '
               f'{"s/image":>8} {"original/this":>13}')
     print(header)
     print('-' * len(header))
@@ -305,7 +305,7 @@ def main(configs, batch, steps, num_masks, guidance_scale, device, threads, warm
                 seconds, calls, rows = statistics.median(t[0] for t in runs), runs[0][1], runs[0][2]
                 per_image = seconds / batch
                 ratio = f'{reference / per_image:.2f}x' if reference is not None else ''
-                print(f'{name:<9} {variant:<14} {k:>2} {w:>5.2f} {calls:>9} {rows / calls:>9.0f} {rows / batch:>9.0f} '
+                print(f'{name:<9} {variant:<18} {k:>2} {w:>5.2f} {calls:>9} {rows / calls:>9.0f} {rows / batch:>9.0f} '
                       f'{per_image:>8.3f} {ratio:>13}', flush=True)
 
 

@@ -173,7 +173,7 @@ def measure(name, variant, device, steps, warmup, threads, fp16, flops=False, pr
 @click.option('--steps', help='Timed optimizer steps', type=click.IntRange(min=1), default=5, show_default=True)
 @click.option('--warmup', help='Untimed steps first', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--threads', help='torch threads', type=click.IntRange(min=1), default=os.cpu_count(), show_default=True)
-@click.option('--fp16', help='Mixed precision of every variant: False, True/fp16 (CUDA only) or bf16', type=click.Choice(['False', 'True', 'fp16', 'bf16']), default='False', show_default=True)
+@click.option('--fp16', help='Mixed precision of the variants not named *bf16 (those run bf16; off CUDA the original variants run float32, as the original does): False, True/fp16 (CUDA only) or bf16', type=click.Choice(['False', 'True', 'fp16', 'bf16']), default='False', show_default=True)
 @click.option('--flops', help='Also report TFLOP/s and the share of the measured matmul rate', is_flag=True)
 @click.option('--profile', help='Also print torch.profiler\'s top operators of one step per variant', is_flag=True)
 @click.option('--rounds', help='Measure the variants this many times, alternating (medians per variant)', type=click.IntRange(min=1), default=1, show_default=True)
@@ -189,11 +189,11 @@ def main(configs, variants, device, steps, warmup, threads, fp16, flops, profile
         raise click.BadParameter(f'variants={variants!r}; choose from {",".join(VARIANTS)}', param_hint='--variants')
     fp16 = {'False': False, 'True': True, 'fp16': True, 'bf16': 'bf16'}[fp16]
     print(f'device={device} threads={threads} steps={steps} warmup={warmup} fp16={fp16}')
-    print(f'{"config":<10} {"variant":<14} {"params":>10} {"batch":>5} {"img/s":>8} {"s/step":>8} {"first s":>8} '
+    print(f'{"config":<10} {"variant":<18} {"params":>10} {"batch":>5} {"img/s":>8} {"s/step":>8} {"first s":>8} '
           f'{"peak GiB":>9}')
     def show(r):
         extra = f' {r["tflops"]:>8.3f} TFLOP/s = {r["tflops"] / r["peak_tflops"]:.0%} of {r["peak_tflops"]:.2f}' if flops else ''
-        print(f'{r["config"]:<10} {r["variant"]:<14} {r["params"] / 1e6:>9.2f}M {r["batch"]:>5} {r["img_s"]:>8.2f} '
+        print(f'{r["config"]:<10} {r["variant"]:<18} {r["params"] / 1e6:>9.2f}M {r["batch"]:>5} {r["img_s"]:>8.2f} '
               f'{r["sec_step"]:>8.3f} {r["first"]:>8.1f} {r["peak_gib"]:>9.2f}{extra}', flush=True)
 
     for name in names:
@@ -203,7 +203,7 @@ def main(configs, variants, device, steps, warmup, threads, fp16, flops, profile
                 r = run_isolated(measure, name=name, variant=variant, device=device, steps=steps, warmup=warmup,
                                  threads=threads, fp16=fp16, flops=flops, profile=profile)
                 if 'error' in r:
-                    print(f'{name:<10} {variant:<14} error: {r["error"]}')
+                    print(f'{name:<10} {variant:<18} error: {r["error"]}')
                     continue
                 results[variant].append(r)
                 if rounds > 1:

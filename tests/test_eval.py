@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import eval as eval_cli
 import train
+from training import snapshots
 from conftest import REPO, random_images, write_edm_dataset
 from test_samplers import GaussianNet
 from fixtures import save_tiny_detector
@@ -261,3 +262,27 @@ def test_generate_precision(run_dir, tmp_path):
     if not torch.cuda.is_available():
         result = invoke(eval_cli.cli, base + ['--outdir', tmp_path / 'half', '--precision=fp16'], expect_ok=False)
         assert result.exit_code != 0 and '--precision=fp16 needs a CUDA device' in result.output
+    # A directory written before precisions were recorded: it was float32 on a CPU, so a float32 rerun continues.
+    record = tmp_path / 'fp32' / '000000.008' / 'provenance.json'
+    saved = json.load(open(record))
+    del saved['precision']
+    json.dump(saved, open(record, 'w'))
+    result = invoke(eval_cli.cli, base + ['--outdir', tmp_path / 'fp32', '--seeds=0-4'])
+    assert 'Generating 1 of 5 images' in result.output
+    result = invoke(eval_cli.cli, base + ['--outdir', tmp_path / 'fp32', '--precision=bf16'], expect_ok=False)
+    assert result.exit_code != 0 and 'other settings' in result.output
+
+
+@pytest.mark.slow  # trains a tiny network in bfloat16
+def test_bf16_trained_network_evaluates_in_float32_off_cuda(tmp_path):
+    """A network trained with --fp16=bf16 samples in float32 on a CPU by default (--precision=auto), in bfloat16 when
+    asked; loading it off CUDA gives a float32 network."""
+    data = write_edm_dataset(tmp_path / 'data.zip', random_images(8, channels=3, resolution=16, seed=4))
+    invoke(train.main, ['--outdir', tmp_path / 'run', '--data', data, '--corruption_probability=0.5', '--fp16=bf16', *TINY])
+    snapshot = sorted(glob.glob(str(tmp_path / 'run' / 'network-snapshot-*.pt')))[-1]
+    net, _ = snapshots.load_network(snapshot)
+    assert net.compute_dtype('cpu') == torch.float32
+    base = ['generate', '--network', snapshot, '--seeds=0-1', '--steps=3']
+    for precision, expected in (('auto', 'float32'), ('bf16', 'bfloat16')):
+        invoke(eval_cli.cli, base + ['--outdir', tmp_path / precision, f'--precision={precision}'])
+        assert json.load(open(next((tmp_path / precision).glob('*/provenance.json'))))['precision'] == expected

@@ -243,11 +243,12 @@ def _flatten(record, prefix=''):
     return flat
 
 
-def claim_output_dir(outdir, record):
+def claim_output_dir(outdir, record, absent_means=None):
     """Make `outdir` the output of `record` (a JSON-able dict of what decides its files: the network's digest,
     the sampler and operator settings). The first run writes `{outdir}/provenance.json`; a rerun with the same
     record continues and skips what is done; one with another record is a ValueError naming the differences,
-    so outputs of other settings are never reported as this run's."""
+    so outputs of other settings are never reported as this run's. `absent_means`: what a key missing from an
+    older record meant for this run (added to PROVENANCE_ABSENT_MEANS)."""
     record = json.loads(json.dumps(record))
     path = os.path.join(outdir, PROVENANCE_FILE)
 
@@ -255,8 +256,8 @@ def claim_output_dir(outdir, record):
         if os.path.isfile(path):
             with open(path, encoding='utf-8') as f:
                 saved, now = _flatten(json.load(f)), _flatten(record)
-            saved = dict(PROVENANCE_ABSENT_MEANS, **saved)
-            now = dict(PROVENANCE_ABSENT_MEANS, **now)
+            absent = dict(PROVENANCE_ABSENT_MEANS, **(absent_means or {}))
+            saved, now = dict(absent, **saved), dict(absent, **now)
             diffs = [f'{key}: {saved.get(key)!r} there, {now.get(key)!r} now' for key in sorted(set(saved) | set(now))
                      if saved.get(key) != now.get(key)]
             if diffs:

@@ -72,7 +72,8 @@ class _GatedConv(torch.autograd.Function):
 
     Forward overwrites the gate half a of y = conv(x, [W; Wg]) with s = sigmoid(a) and saves x, W, Wg and
     y = [h; s]: backward needs g = s (or sigmoid(s) for the double sigmoid) and g' = g(1 − g) (· s(1 − s)),
-    so it recomputes no exp for the single sigmoid and no concatenated activation is kept. [W; Wg] is
+    so backward recomputes no sigmoid for the single sigmoid (one of two for the double) and saves nothing besides
+    y that the unfused layer would not. [W; Wg] is
     re-concatenated in backward (cheap next to the convolution): autograd's own graph would also hold the
     gate, and a concatenated copy of the weights of every gated layer from forward to backward (0.4 GB for
     EDM's DDPM++ at 32x32).

@@ -211,6 +211,9 @@ def load_network(path, device='cpu', training_options=None, allow_unsafe_pickle=
         (input is [Ã ⊙ x, Ã]), corruption (dict of corruption_pattern, corruption_probability,
         delta_probability, mask_full_rgb; None for EDM), label_dim, resolution, channels (C of the image),
         network_kwargs (what the network was built from).
+    A network trained in bfloat16 (train.py --fp16=bf16) evaluates in its training precision on CUDA and in
+    float32 elsewhere (bfloat16 is slow on CPUs without AVX512-BF16 or AMX); set `net.use_fp16 = 'bf16'` to
+    evaluate it in bfloat16 on a CPU.
     """
     local = dnnlib.util.open_url(path, return_filename=True)
     with open(local, 'rb') as f:
@@ -225,7 +228,10 @@ def load_network(path, device='cpu', training_options=None, allow_unsafe_pickle=
     if info.nimg is None:
         info.nimg = snapshot_nimg(path)
     info.kimg = info.nimg / 1000 if info.nimg is not None else None
-    net = net.eval().requires_grad_(False).to(torch.device(device if device is not None else 'cpu'))
+    device = torch.device(device if device is not None else 'cpu')
+    net = net.eval().requires_grad_(False).to(device)
+    if device.type != 'cuda' and getattr(net, 'use_fp16', False) == 'bf16':
+        net.use_fp16 = False  # evaluation off CUDA runs float32 unless asked (eval.py generate --precision=bf16)
     return net, info
 
 
