@@ -189,6 +189,7 @@ def load_output(dest):
     return dataset, meta, by_name
 
 
+@pytest.mark.slow  # end to end: annotate, train, evaluate
 def test_fixed_sigma_and_known_noise_end_to_end(digits, tmp_path):
     path, images, labels = digits
     dest = tmp_path / 'jpeg'

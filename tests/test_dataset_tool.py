@@ -418,6 +418,7 @@ def test_error_options(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s"]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_command_line_subprocess(tmp_path):
     dest = tmp_path / "digits.zip"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -204,6 +204,7 @@ OPERATORS = [['--corruption_pattern=dust'], ['--corruption_pattern=box_masking']
              ['--corruption_pattern=compressed_sensing', '--num_measurements=16', '--norm=batch']]
 
 
+@pytest.mark.slow  # one CLI run per operator
 @pytest.mark.parametrize('args', OPERATORS, ids=lambda a: a[0].split('=')[1] + a[1].split('=')[1] if len(a) > 1 else a[0])
 def test_cli_every_operator(setup, tmp_path, args):
     run_dir, data = setup

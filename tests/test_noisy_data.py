@@ -534,7 +534,8 @@ def restore_determinism():
     torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize('workers', [0, pytest.param(1, marks=pytest.mark.slow)])  # 1: +8 s, a spawned worker per run
+@pytest.mark.slow  # two training runs and a resume (4 s; with a worker +8 s)
+@pytest.mark.parametrize('workers', [0, 1])
 def test_noisy_training_resumes_bitwise(tmp_path, data_zip, restore_determinism, workers):
     """4 steps straight = 2 steps, stop, resume to 4 (weights, EMA and the σ-first sampler's position). With a
     worker the DataLoader prefetches, so the state is saved at a position behind the sampler's walk."""

@@ -257,6 +257,7 @@ def test_preset_original_builds_the_originals_network(tmp_path):
     assert [golden.format_line(k, tuple(v.shape)) for k, v in net.state_dict().items()] == expected
 
 
+@pytest.mark.slow  # a training run
 def test_the_originals_celeba_command_trains_with_the_preset(tmp_path):
     """The original README's CelebA command plus --preset=original (and a tiny network and duration, to run on
     a CPU in seconds) trains; its dry run shows the original's settings."""

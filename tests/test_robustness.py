@@ -177,6 +177,7 @@ def test_resume_from_an_older_state_branches(tmp_path, data, run_dir):
     assert [r['Progress/tick']['mean'] for r in rows] == [2]  # the tick after the state's, as in the original run
 
 
+@pytest.mark.slow  # kills training processes
 def test_killed_writes_leave_no_temporaries(tmp_path, data, run_dir):
     run = tmp_path / 'run'
     shutil.copytree(run_dir, run)

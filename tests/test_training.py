@@ -111,6 +111,7 @@ def test_every_arch_trains(tmp_path, data, arch, extra):
     assert glob.glob(os.path.join(only_run_dir(tmp_path), 'network-snapshot-*.pt'))
 
 
+@pytest.mark.slow  # a training run
 def test_augmentation_and_accumulation_run(tmp_path, data, monkeypatch):
     """Every training call of the raw network F gets the augmentation labels, in the configured pipe's layout."""
     from training.networks import SongUNet
@@ -306,6 +307,7 @@ def test_resume_refuses_changed_config(tmp_path, data):
     assert 'corruption.corruption_probability' in result.output
 
 
+@pytest.mark.slow  # two training runs
 def test_transfer_initialises_weights(tmp_path, data):
     run(['--outdir', tmp_path / 'a', '--data', data, steps(1), '--nosubdir', *TINY])
     snap = glob.glob(str(tmp_path / 'a' / 'network-snapshot-*.pt'))[0]
@@ -365,6 +367,7 @@ def test_two_processes_match_one(tmp_path, data):
     assert la == pytest.approx(lb, rel=1e-4)
 
 
+@pytest.mark.slow  # a training run and a resume
 def test_states_from_before_hidden_precond_resume_with_the_original_formulation(tmp_path, data):
     """A state written before --hidden_precond existed has no such keys: it was trained with the original formulation."""
     run(['--outdir', tmp_path, '--data', data, steps(1), '--nosubdir', '--dump=1', '--hidden_precond=original',
