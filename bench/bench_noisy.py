@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
-from bench_science import digits_split, draw_sample_rows, publish  # noqa: E402
+from bench_science import digits_split, draw_sample_rows, save_results  # noqa: E402
 from dnnlib.util import atomic_write  # noqa: E402
 from training import digit_score  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
@@ -176,13 +176,9 @@ def main(outdir, settings, kimg, samples, num_test, docs, memorization_kimg):
 
     text = table(results)
     print('\n' + text)
-    with atomic_write(os.path.join(outdir, 'results.json'), 'w') as f:
-        json.dump(dict(kimg=kimg, samples=samples, num_test=num_test, threshold=threshold, settings=settings,
-                       results=results, total_s=time.time() - start), f, indent=2)
-    with atomic_write(os.path.join(outdir, 'noisy.md'), 'w') as f:
-        f.write(text + '\n')
-    draw(results, rows, os.path.join(outdir, 'noisy.png'))
-    publish(outdir, ('noisy.md', 'noisy.png'), docs, start)
+    record = dict(kimg=kimg, samples=samples, num_test=num_test, threshold=threshold, settings=settings,
+                  results=results, total_s=time.time() - start)
+    save_results(outdir, 'noisy', record, text, lambda dest: draw(results, rows, dest), docs, start)
 
 
 if __name__ == '__main__':

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402
-from bench_science import MODELS, digits_split, draw_sample_rows, publish  # noqa: E402
+from bench_science import MODELS, digits_split, draw_sample_rows, save_results  # noqa: E402
 from dnnlib.util import atomic_write  # noqa: E402
 from training import digit_score  # noqa: E402
 
@@ -112,12 +112,8 @@ def main(outdir, kimg, samples, num_test, docs):
               f'{r["fd_pixel"]:.2f} | {r["confidence"]:.2f} | {r["classes"]}/10 |' for r in results]
     text = '\n'.join(lines)
     print('\n' + text)
-    with atomic_write(os.path.join(outdir, 'precision.json'), 'w') as f:
-        json.dump(dict(kimg=kimg, samples=samples, num_test=num_test, cpu_flags=cpu_flags(), results=results), f, indent=2)
-    with atomic_write(os.path.join(outdir, 'precision.md'), 'w') as f:
-        f.write(text + '\n')
-    draw(results, rows, os.path.join(outdir, 'precision.png'))
-    publish(outdir, ('precision.md', 'precision.png'), docs, start)
+    save_results(outdir, 'precision', dict(kimg=kimg, samples=samples, num_test=num_test, cpu_flags=cpu_flags(),
+                 results=results), text, lambda dest: draw(results, rows, dest), docs, start, json_name='precision.json')
 
 
 if __name__ == '__main__':

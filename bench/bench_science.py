@@ -91,6 +91,17 @@ def publish(outdir, names, docs, start):
     print(f'\n{os.path.join(outdir, names[-1])}; {time.time() - start:.0f} s in all')
 
 
+def save_results(outdir, stem, record, text, draw_figure, docs, start, json_name='results.json'):
+    """Write the bench's record (`json_name`), its table ({stem}.md) and figure ({stem}.png, drawn by
+    `draw_figure(dest)`) to `outdir`, atomically; then `publish` them."""
+    with atomic_write(os.path.join(outdir, json_name), 'w') as f:
+        json.dump(record, f, indent=2)
+    with atomic_write(os.path.join(outdir, f'{stem}.md'), 'w') as f:
+        f.write(text + '\n')
+    draw_figure(os.path.join(outdir, f'{stem}.png'))
+    publish(outdir, (f'{stem}.md', f'{stem}.png'), docs, start)
+
+
 def hidden_error(row):
     return dict(zip(row['sigmas'], row['mse_hidden']))
 
@@ -190,12 +201,8 @@ def main(outdir, models, kimg, samples, num_test, docs):
 
     text = table(results, mean_mse)
     print('\n' + text)
-    with atomic_write(os.path.join(outdir, 'results.json'), 'w') as f:
-        json.dump(dict(kimg=kimg, samples=samples, num_test=num_test, mean_mse=mean_mse, results=results), f, indent=2)
-    with atomic_write(os.path.join(outdir, 'science.md'), 'w') as f:
-        f.write(text + '\n')
-    draw(results, rows, mean_mse, os.path.join(outdir, 'science.png'))
-    publish(outdir, ('science.md', 'science.png'), docs, start)
+    save_results(outdir, 'science', dict(kimg=kimg, samples=samples, num_test=num_test, mean_mse=mean_mse, results=results),
+                 text, lambda dest: draw(results, rows, mean_mse, dest), docs, start)
 
 
 if __name__ == '__main__':
