@@ -158,9 +158,8 @@ def measure(name, variant, device, steps, warmup, threads, fp16, flops=False, pr
     result = dict(config=name, variant=variant, params=params, batch=batch, img_s=batch / statistics.median(times),
                   sec_step=statistics.median(times), first=first, peak_gib=peak / 2**30)
     if count is not None:
-        dtype = torch.bfloat16 if fp16 == 'bf16' else (
-            torch.float16 if fp16 and device.type == 'cuda' else torch.float32)
-        result.update(tflops=count / result['sec_step'] / 1e12, peak_tflops=matmul_rate(device, dtype) / 1e12)
+        result.update(tflops=count / result['sec_step'] / 1e12,
+                      peak_tflops=matmul_rate(device, net.compute_dtype(device)) / 1e12)
     return result
 
 
@@ -187,7 +186,6 @@ def main(configs, variants, device, steps, warmup, threads, fp16, flops, profile
     unknown = [v for v in kinds if v not in VARIANTS]
     if unknown or not kinds:
         raise click.BadParameter(f'variants={variants!r}; choose from {",".join(VARIANTS)}', param_hint='--variants')
-    fp16 = {'False': False, 'True': True, 'fp16': True, 'bf16': 'bf16'}[fp16]
     print(f'device={device} threads={threads} steps={steps} warmup={warmup} fp16={fp16}')
     print(f'{"config":<10} {"variant":<18} {"params":>10} {"batch":>5} {"img/s":>8} {"s/step":>8} {"first s":>8} '
           f'{"peak GiB":>9}')

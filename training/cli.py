@@ -218,8 +218,7 @@ def check_subset_seed(opts):
 PROVENANCE_FILE = 'provenance.json'
 # Settings added after outputs were first recorded: a record without the key was made with this value.
 PROVENANCE_ABSENT_MEANS = {'sampler.eta': 0.0, 'sampler.variance': 'beta_tilde', 'cfg_scale': None, 'eta': 0.0,
-                           'ddpm_variance': 'beta_tilde', 'method': 'dps', 'jump_length': 1, 'jump_n_sample': 1,
-                           'precision': 'float32'}
+                           'ddpm_variance': 'beta_tilde', 'method': 'dps', 'jump_length': 1, 'jump_n_sample': 1}
 
 
 def file_digest(path):
